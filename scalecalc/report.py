@@ -1,0 +1,127 @@
+"""Stage 5: analysis results for people (rich tables) and machines (JSON-ready dicts)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from scalecalc import __version__, expr
+from scalecalc.propagate import Analysis, NodeResult
+
+SCHEMA = 1
+NODE_FIELDS = ("forward_m2", "backward_m2", "varsigma", "weight_m2", "gamma", "gamma_bias")
+
+
+def value(v: Any) -> Any:
+    """A JSON value: null, a number, or a formula as text when symbolic."""
+    if v is None:
+        return None
+    if expr.is_symbolic(v):
+        return str(v)
+    if isinstance(v, bool):
+        return v
+    number = float(v)
+    return int(number) if number.is_integer() and abs(number) < 2**53 else number
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if expr.is_symbolic(v):
+        return str(v)
+    return f"{float(v):.4g}"
+
+
+def to_dict(analysis: Analysis) -> dict[str, Any]:
+    """The ``--json`` document (schema 1)."""
+    net, s = analysis.network, analysis.summary
+    return {
+        "schema": SCHEMA,
+        "scalecalc": __version__,
+        "name": net.name,
+        "input": {"shape": str(net.input_shape), "second_moment": value(net.input_m2)},
+        "output": {"name": net.output, "grad_second_moment": value(net.grad_m2)},
+        "params": {k: value(v) for k, v in net.params.items()},
+        "symbols": list(net.symbols),
+        "nodes": [_node(r) for r in analysis.nodes],
+        "summary": {
+            "gamma_min": value(s.gamma_min),
+            "gamma_max": value(s.gamma_max),
+            "gamma_spread": value(s.gamma_spread),
+            "gamma_bias_spread": value(s.gamma_bias_spread),
+            "output_m2": value(s.output_m2),
+            "exact": s.exact,
+            "varsigma_changes": [
+                {"node": c.node, "op": c.op, "ratio": value(c.ratio), "reason": c.reason}
+                for c in s.varsigma_changes
+            ],
+        },
+    }
+
+
+def _node(r: NodeResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": r.name, "op": r.op, "inputs": list(r.inputs), "shape": r.shape}
+    out.update({f: value(getattr(r, f)) for f in NODE_FIELDS})
+    out["exact"] = r.exact
+    out["notes"] = list(r.notes)
+    return out
+
+
+def table(analysis: Analysis) -> Table:
+    t = Table(title=f"{analysis.network.name}", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("node", "op", "shape", "E[x²]", "E[Δx²]", "ς", "γ", "γ_b", "notes"):
+        t.add_column(col, justify="right" if col not in ("node", "op", "notes", "shape") else "left",
+                     overflow="fold")
+    for r in analysis.nodes:
+        notes = "; ".join(r.notes)
+        style = "yellow" if not r.exact else None
+        t.add_row(r.name, r.op, r.shape, fmt(r.forward_m2), fmt(r.backward_m2), fmt(r.varsigma),
+                  fmt(r.gamma), fmt(r.gamma_bias), notes, style=style)
+    return t
+
+
+def summary(analysis: Analysis) -> Text:
+    s = analysis.summary
+    lines = Text()
+    if s.gamma_spread is None and s.gamma_min is None and any(r.gamma is not None for r in analysis.nodes):
+        lines.append("γ: differs between layers (depends on the symbols)\n")
+    elif s.gamma_spread is not None:
+        verdict = "preconditioned" if _close_to_one(s.gamma_spread) else "not preconditioned"
+        lines.append(f"γ: min {fmt(s.gamma_min)}, max {fmt(s.gamma_max)}, spread {fmt(s.gamma_spread)} "
+                     f"→ {verdict}\n")
+    if s.gamma_bias_spread is not None:
+        lines.append(f"γ_bias spread: {fmt(s.gamma_bias_spread)}\n")
+    lines.append(f"output E[x²]: {fmt(s.output_m2)}\n")
+    if s.varsigma_changes:
+        lines.append("ς changes at:\n")
+        for c in s.varsigma_changes:
+            lines.append(f"  {c.node} ({c.op}) ×{fmt(c.ratio)}: {c.reason}\n")
+    else:
+        lines.append("ς is kept by every op\n")
+    if not s.exact:
+        lines.append("some rules are approximate here (yellow rows; see notes)\n", style="yellow")
+    return lines
+
+
+def _close_to_one(v: Any) -> bool:
+    return not expr.is_symbolic(v) and abs(float(v) - 1) < 0.02
+
+
+def compare_table(name: str, rows: Sequence[tuple[str, Analysis]]) -> Table:
+    t = Table(title=f"{name}: initialization schemes", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("scheme", "γ min", "γ max", "γ spread", "γ_b spread", "output E[x²]"):
+        t.add_column(col, justify="left" if col == "scheme" else "right")
+    for scheme, a in rows:
+        s = a.summary
+        t.add_row(scheme, fmt(s.gamma_min), fmt(s.gamma_max), fmt(s.gamma_spread),
+                  fmt(s.gamma_bias_spread), fmt(s.output_m2))
+    return t
+
+
+def print_analysis(analysis: Analysis, console: Console) -> None:
+    console.print(Group(table(analysis), summary(analysis)))

@@ -1,0 +1,88 @@
+"""Shape inference and the exact tap count of sliding windows.
+
+For a window op (conv, pooling) with kernel k, stride s and zero padding p over an input
+of size H, the output has H' = ⌊(H + 2p − k)/s⌋ + 1 positions. Border windows overlap the
+padding, so the number of (output position, kernel tap) pairs that touch real input is
+
+    T = Σ_{a=0}^{k−1} #{ i ∈ [0, H') : 0 ≤ s·i − p + a < H },
+
+which is k·H' only without padding. Every second-moment rule of a window op is exact with
+T in place of the k²·ρ² the paper uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from scalecalc import expr
+from scalecalc.errors import ScalecalcError
+
+
+def taps_1d(size: Any, k: Any, s: Any, p: Any, out: Any) -> Any:
+    """Number of (output position, tap) pairs along one axis that hit real input."""
+    if p == 0:
+        return k * out  # no padding: every tap of every window is inside
+    if any(expr.is_symbolic(v) for v in (size, k, s, p)):
+        raise ScalecalcError("padding needs numeric size, kernel and stride to count border taps")
+    total = 0
+    for a in range(k):
+        lo = max(0, -((a - p) // s))  # ceil((p − a)/s)
+        hi = min(out - 1, (size - 1 + p - a) // s)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def _window(name: str, attrs: Mapping[str, Any], shape: Any) -> tuple[Any, dict[str, Any]]:
+    from scalecalc.graph import Shape
+
+    if not shape.spatial:
+        raise ScalecalcError(f"{name} needs a spatial input (channels×h×w), got a vector of {shape}")
+    (kh, kw), (ph, pw) = attrs["kernel"], attrs["padding"]
+    sh, sw = attrs["stride"] or attrs["kernel"]
+    out = []
+    for size, k, s, p, axis in ((shape.h, kh, sh, ph, "height"), (shape.w, kw, sw, pw, "width")):
+        if not any(expr.is_symbolic(v) for v in (size, k, p)) and k > size + 2 * p:
+            raise ScalecalcError(f"kernel {k} is larger than the padded input {axis} {size}+2·{p}")
+        if not any(expr.is_symbolic(v) for v in (k, p)) and p > k // 2 and name != "conv":
+            raise ScalecalcError(f"padding {p} is more than half the kernel {k}")
+        out.append(expr.evaluate("(size + 2*p - k)//s + 1", {"size": size, "p": p, "k": k, "s": s}))
+    taps = taps_1d(shape.h, kh, sh, ph, out[0]) * taps_1d(shape.w, kw, sw, pw, out[1])
+    extra = {"stride": (sh, sw), "k2": kh * kw, "k": expr.sqrt(kh * kw), "taps": taps}
+    return Shape(shape.channels, out[0], out[1]), extra
+
+
+def infer(op: str, attrs: Mapping[str, Any], ins: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+    """Output shape of ``op`` and derived attributes (k, k2, taps, fan-in/out)."""
+    from scalecalc.graph import Shape
+
+    x = ins[0]
+    if op == "conv":
+        shape, extra = _window("conv", attrs, x)
+        extra.update(n_in=x.channels, n_out=attrs["out"])
+        return Shape(attrs["out"], shape.h, shape.w), extra
+    if op == "linear":
+        if x.spatial:
+            raise ScalecalcError(f"linear needs a vector input, got {x}; add flatten or global_avgpool")
+        return Shape(attrs["out"]), {"n_in": x.channels, "n_out": attrs["out"], "k": 1, "k2": 1, "taps": 1}
+    if op in ("avgpool", "maxpool"):
+        return _window(op, attrs, x)
+    if op == "global_avgpool":
+        if not x.spatial:
+            raise ScalecalcError(f"global_avgpool needs a spatial input, got a vector of {x}")
+        return Shape(x.channels), {}
+    if op == "flatten":
+        return Shape(x.size), {}
+    if op == "add":
+        for other in ins[1:]:
+            if other != x:
+                raise ScalecalcError(f"add inputs have different shapes: {', '.join(map(str, ins))}")
+        weights = attrs["weights"]
+        if weights is not None and len(weights) != len(ins):
+            raise ScalecalcError(f"add has {len(ins)} inputs but {len(weights)} weights")
+        return x, {}
+    if op == "concat":
+        if any(o.spatial != x.spatial or (o.h, o.w) != (x.h, x.w) for o in ins):
+            raise ScalecalcError("concat inputs must share spatial size: " + ", ".join(map(str, ins)))
+        return Shape(sum(o.channels for o in ins), x.h, x.w), {}
+    return x, {}
