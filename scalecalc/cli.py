@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a parameter: k=v.")]
 SymOpt = Annotated[list[str] | None, typer.Option("--symbolic", help="Keep a parameter symbolic.")]
+OutStd = Annotated[float, typer.Option("--output-std", help="Target output standard deviation (§7).")]
+DEFAULT_STD = 0.05
 
 
 @app.callback()
@@ -37,6 +39,13 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _console():  # type: ignore[no-untyped-def]
+    """A terminal's own width; 160 columns when piped, so tables stay readable in files."""
+    from scalecalc.report import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def _fail(err: ScalecalcError) -> None:
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(2)
@@ -49,7 +58,10 @@ def analyze(
     set_: SetOpt = None,
     symbolic: SymOpt = None,
     init: Annotated[str | None, typer.Option(help="Use this init scheme for every weighted layer.")] = None,
-    compare_inits: Annotated[bool, typer.Option(help="Compare γ spread and output under each scheme.")] = False,
+    compare_inits: Annotated[
+        bool, typer.Option(help="Compare γ spread and output under each scheme.")] = False,
+    correct: Annotated[bool, typer.Option("--correct", help="Analyse the corrected network emit writes.")] = False,
+    output_std: OutStd = DEFAULT_STD,
 ) -> None:
     """Forward/backward second moments, ς, γ and γ_bias for every layer of SPEC."""
     from scalecalc.graph import build
@@ -57,13 +69,20 @@ def analyze(
     from scalecalc.propagate import propagate
     from scalecalc.spec import load
 
+    corrections = ()
     try:
         parsed = load(spec)
         overrides, symbols = _overrides(set_), tuple(symbolic or ())
         if compare_inits:
             rows = [(s, propagate(build(parsed, overrides, symbols, s))) for s in SCHEMES]
         else:
-            analysis = propagate(build(parsed, overrides, symbols, init))
+            net = build(parsed, overrides, symbols, init)
+            if correct:
+                from scalecalc.corrections import correct as solve
+
+                fixed = solve(net, output_std)
+                net, corrections = fixed.network, fixed.corrections
+            analysis = propagate(net)
     except ScalecalcError as err:
         _fail(err)
     from scalecalc import report
@@ -73,12 +92,60 @@ def analyze(
             typer.echo(json.dumps({"schema": report.SCHEMA, "name": parsed.name, "schemes": {
                 s: report.to_dict(a)["summary"] for s, a in rows}}, indent=2))
         else:
-            report.Console().print(report.compare_table(parsed.name, rows))
+            _console().print(report.compare_table(parsed.name, rows))
         return
     if as_json:
-        typer.echo(json.dumps(report.to_dict(analysis), indent=2))
+        doc = report.to_dict(analysis)
+        if correct:
+            doc["corrections"] = [report.correction_dict(c) for c in corrections]
+        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
-        report.print_analysis(analysis, report.Console())
+        console = _console()
+        report.print_analysis(analysis, console)
+        if correct:
+            console.print(report.corrections_table(corrections))
+
+
+@app.command()
+def emit(
+    spec: Annotated[str, typer.Argument(help="The network spec (YAML).")],
+    torch_: Annotated[bool, typer.Option("--torch", help="Write a PyTorch module (the only target).")] = False,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="File to write (default: stdout).")] = None,
+    no_correct: Annotated[bool, typer.Option("--no-correct", help="Emit the spec exactly as written.")] = False,
+    set_: SetOpt = None,
+    output_std: OutStd = DEFAULT_STD,
+) -> None:
+    """Write a standalone PyTorch module of SPEC, corrected by the calculus unless --no-correct."""
+    import hashlib
+    from pathlib import Path
+
+    from scalecalc.codegen import emit_torch
+    from scalecalc.graph import build
+    from scalecalc.spec import load
+
+    try:
+        if not torch_:
+            raise ScalecalcError("choose a target: --torch")
+        parsed = load(spec)
+        net = build(parsed, _overrides(set_))
+        digest = hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+        if no_correct:
+            source = emit_torch(parsed, net, digest=digest)
+        else:
+            from scalecalc.corrections import correct
+
+            fixed = correct(net, output_std)
+            comments = {c.node: c.reason for c in fixed.corrections}
+            source = emit_torch(parsed, fixed.network, digest=digest, comments=comments,
+                                inserted=fixed.inserted)
+        if output:
+            Path(output).write_text(source, encoding="utf-8")
+        else:
+            typer.echo(source, nl=False)
+    except ScalecalcError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(ScalecalcError(f"cannot write {output}: {err.strerror}"))
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from scalecalc.errors import ScalecalcError
 MAX_LENGTH = 200
 MAX_MAGNITUDE = 1e15  # guards `10**10**10`-style expressions before they are computed
 FUNCTIONS = ("sqrt", "floor", "ceil", "min", "max", "abs")
+_VARIADIC = ("min", "max")  # the others take exactly one argument
 
 Value = Any  # int | float | sympy.Expr
 
@@ -91,11 +92,31 @@ def truediv(a: Value, b: Value) -> Value:
 
 
 def _pow(a: Value, b: Value) -> Value:
-    if not (_sympy(a) or _sympy(b)):
-        big = abs(a) > 1 and b * math.log10(abs(a)) > math.log10(MAX_MAGNITUDE)
-        if big or abs(b) > 64:
-            raise ExprError(f"{a}**{b} is too large")
+    # |a**b| = 10**(b·log10|a|): decide before computing (sympy numbers included)
+    if not is_symbolic(b) and abs(b) > 64:
+        raise ExprError(f"exponent {b} in {a}**{b} is too large (limit 64)")
+    if not (is_symbolic(a) or is_symbolic(b)):
+        if abs(a) > 1 and b * math.log10(abs(a)) > math.log10(MAX_MAGNITUDE):
+            raise ExprError(f"{a}**{b} is too large (limit {MAX_MAGNITUDE:g})")
+        if a < 0 and b != int(b):
+            raise ExprError(f"({a})**{b} is not a real number")
     return a**b
+
+
+def check(value: Value, text: str) -> Value:
+    """``value`` if it is a real, finite number of sane size (or a symbolic expression)."""
+    if _sympy(value):
+        import sympy
+
+        if value.has(sympy.zoo, sympy.nan, sympy.oo) or value.is_extended_real is False:
+            raise ExprError(f"{text!r} is not a finite real number (got {value})")
+        if is_symbolic(value):
+            return value
+    if isinstance(value, complex) or not math.isfinite(value):
+        raise ExprError(f"{text!r} is not a finite real number (got {value})")
+    if abs(value) > MAX_MAGNITUDE:
+        raise ExprError(f"{text!r} is too large (limit {MAX_MAGNITUDE:g})")
+    return value
 
 
 _FUNCS: dict[str, Callable[..., Value]] = {
@@ -126,20 +147,23 @@ _CMPOPS: dict[type, Callable[[Value, Value], bool]] = {
 
 
 @lru_cache(maxsize=4096)
-def parse(text: str) -> ast.expression:
+def parse(text: str) -> ast.Expression:
     """Parse ``text`` and check that it uses only arithmetic, names and known functions."""
     if len(text) > MAX_LENGTH:
         raise ExprError(f"expression longer than {MAX_LENGTH} characters")
     try:
         tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte
         raise ExprError(f"{text!r} is not an arithmetic expression") from None
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS) or node.keywords:
-                raise ExprError(
-                    f"{text!r} calls something other than a known function",
-                    ) from None
+                raise ExprError(f"{text!r} calls something other than a known function; "
+                                f"known: {', '.join(FUNCTIONS)}")
+            name = node.func.id
+            if (len(node.args) != 1 and name not in _VARIADIC) or not node.args:
+                wanted = "one or more arguments" if name in _VARIADIC else "one argument"
+                raise ExprError(f"{name}() in {text!r} takes {wanted}, got {len(node.args)}")
         elif isinstance(node, ast.Constant):
             if type(node.value) not in (int, float):
                 raise ExprError(f"{text!r} contains {node.value!r}; only numbers are allowed")
@@ -159,11 +183,18 @@ def parse(text: str) -> ast.expression:
 
 def evaluate(text: str, env: Mapping[str, Value]) -> Value:
     """Value of the expression ``text`` with parameter values from ``env``."""
-    return _eval(parse(text).body, env, text)
+    try:
+        return check(_eval(parse(text).body, env, text), text)
+    except (OverflowError, ValueError):  # e.g. floor(1e400), float(10**400)
+        raise ExprError(f"{text!r} is too large to compute") from None
 
 
 def _eval(node: ast.AST, env: Mapping[str, Value], text: str) -> Value:
     if isinstance(node, ast.Constant):
+        if env.get("__exact__"):  # symbolic mode: literals stay exact, so sqrt(1/2) is √2/2
+            import sympy
+
+            return sympy.Rational(str(node.value)) if isinstance(node.value, float) else sympy.Integer(node.value)
         return node.value
     if isinstance(node, ast.Name):
         if node.id not in env or node.id.startswith("__"):
@@ -186,10 +217,12 @@ def _eval(node: ast.AST, env: Mapping[str, Value], text: str) -> Value:
         return _FUNCS[node.func.id](*(_eval(a, env, text) for a in node.args))
     if isinstance(node, ast.Compare):
         left = _eval(node.left, env, text)
-        for op, comp in zip(node.ops, node.comparators):
+        for op, comp in zip(node.ops, node.comparators, strict=True):
             right = _eval(comp, env, text)
             if is_symbolic(left) or is_symbolic(right):
-                raise ExprError(f"comparison in {text!r} needs numeric parameters")
+                names = ", ".join(sorted({str(s) for v in (left, right) if is_symbolic(v)
+                                          for s in v.free_symbols}))
+                raise ExprError(f"comparison in {text!r} needs numbers, but {names} is symbolic")
             if not _CMPOPS[type(op)](left, right):
                 return False
             left = right

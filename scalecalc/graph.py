@@ -7,6 +7,7 @@ and every weighted layer gets its initialization with E[W²] in closed form.
 
 from __future__ import annotations
 
+import reprlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import networkx as nx
 
 from scalecalc import expr
 from scalecalc.errors import ScalecalcError, SpecError, Where
-from scalecalc.init import Init, resolve_init
+from scalecalc.init import ALIASES, SCHEMES, Init, resolve_init
 from scalecalc.spec import MAX_REPEAT, OP_FIELDS, REQUIRED, WEIGHTED_OPS, Layer, Spec
 
 MAX_NODES = 100_000
@@ -102,6 +103,9 @@ def build(spec: Spec, overrides: Mapping[str, Any] | None = None,
     ``overrides`` replaces parameter values (``--set``), ``symbolic`` keeps the named
     parameters as sympy symbols, ``init_scheme`` replaces every weighted layer's scheme.
     """
+    if init_scheme is not None and init_scheme not in (*SCHEMES, *ALIASES):
+        raise SpecError(Where(spec.file, label="--init"), f"unknown init scheme {init_scheme!r}",
+                        "known: " + ", ".join((*SCHEMES, *ALIASES)))
     env = _params(spec, overrides or {}, symbolic)
     b = _Builder(spec, env)
     in_shape, in_m2 = b.input_shape()
@@ -109,8 +113,8 @@ def build(spec: Spec, overrides: Mapping[str, Any] | None = None,
     last = b.expand(spec.layers, env, prefix="", source="input", label="layers", depth=0)
     if last == "input":
         raise SpecError(spec.where.get("layers"), "the network has no layers (all skipped by 'when')")
-    grad_m2 = b.number(spec.output.get("grad_second_moment", 1), env, spec.where.get("output"),
-                       "output.grad_second_moment", positive=True)
+    grad_m2 = b.number(spec.output.get("grad_second_moment", 1), env,
+                       spec.where.get("output.grad_second_moment"), "grad_second_moment", positive=True)
     b.finish_inits(init_scheme)
     graph = nx.DiGraph()
     graph.add_node("input", node=Node("input", "input", (), MappingProxyType({}), in_shape, (),
@@ -127,24 +131,25 @@ def build(spec: Spec, overrides: Mapping[str, Any] | None = None,
     return Network(
         name=spec.name, graph=graph, order=("input", *(n.name for n in b.nodes)),
         input_shape=in_shape, input_m2=in_m2, grad_m2=grad_m2,
-        params=MappingProxyType({k: v for k, v in env.items() if k != _EXACT}), symbols=tuple(symbolic), k_typical=b.k_typical,
-        file=spec.file,
+        params=MappingProxyType({k: v for k, v in env.items() if k != _EXACT}),
+        symbols=tuple(symbolic), k_typical=b.k_typical, file=spec.file,
     )
 
 
 def _params(spec: Spec, overrides: Mapping[str, Any], symbolic: Sequence[str]) -> dict[str, Any]:
-    for key in (*overrides, *symbolic):
-        if key not in spec.params:
-            raise SpecError(Where(spec.file), f"unknown parameter {key!r}",
-                            "known: " + (", ".join(spec.params) or "none"))
+    for option, keys in (("--set", overrides), ("--symbolic", symbolic)):
+        for key in keys:
+            if key not in spec.params:
+                raise SpecError(spec.where.get("params", Where(spec.file)).at(option),
+                                f"unknown parameter {key!r}", "known: " + (", ".join(spec.params) or "none"))
     env: dict[str, Any] = {_EXACT: True} if symbolic else {}
     for key, raw in spec.params.items():
-        where = spec.where.get("params", Where(spec.file)).at(f"params.{key}")
+        where = spec.where.get(f"params.{key}")
         if key in symbolic:
             import sympy
 
             value = _value(raw, env, where)
-            integer = isinstance(value, int) and not isinstance(value, bool)
+            integer = bool(getattr(value, "is_integer", False)) or type(value) is int
             env[key] = sympy.Symbol(key, positive=True, integer=integer)
         elif key in overrides:
             env[key] = overrides[key]
@@ -157,15 +162,12 @@ def _value(raw: Any, env: Mapping[str, Any], where: Where | None) -> Any:
     """Evaluate a field; in symbolic mode (sympy values in ``env``) numbers become exact."""
     if isinstance(raw, bool):
         raw = int(raw)
-    if isinstance(raw, (int, float)):
-        value = raw
-    elif isinstance(raw, str):
-        try:
-            value = expr.evaluate(raw, env)
-        except ScalecalcError as err:
-            raise SpecError(where, str(err)) from None
-    else:
-        raise SpecError(where, f"expected a number or an expression, got {raw!r}")
+    if not isinstance(raw, (int, float, str)):
+        raise SpecError(where, f"expected a number or an expression, got {reprlib.repr(raw)}")
+    try:
+        value = expr.evaluate(raw, env) if isinstance(raw, str) else expr.check(raw, str(raw))
+    except ScalecalcError as err:
+        raise SpecError(where, str(err)) from None
     if isinstance(value, (int, float)) and env.get(_EXACT):
         import sympy
 
@@ -184,6 +186,7 @@ class _Builder:
         self.layer_inits: dict[str, tuple[Mapping[str, Any], Mapping[str, Any], Where]] = {}
         self.k_typical: Any = None
         self._env: Mapping[str, Any] = env
+        self.expanded = 0
 
     def number(self, raw: Any, env: Mapping[str, Any], where: Where | None, what: str,
                integer: bool = False, positive: bool = False, minimum: Any = None) -> Any:
@@ -193,7 +196,7 @@ class _Builder:
         if integer:
             if float(value) != int(value):
                 raise SpecError(where, f"{what} must be a whole number, got {value}")
-            value = int(value)
+            value = int(value) if isinstance(value, (int, float)) else value  # sympy stays exact
         if positive and not value > 0:
             raise SpecError(where, f"{what} must be positive, got {value}")
         if minimum is not None and value < minimum:
@@ -203,20 +206,22 @@ class _Builder:
     def input_shape(self) -> tuple[Shape, Any]:
         spec, raw = self.spec, self.spec.input
         where = spec.where.get("input", Where(spec.file)).at("input")
+        at = {key: spec.where.get(f"input.{key}", where) for key in raw}
         env = self._env
         allowed = {"channels", "size", "features", "second_moment"}
         for key in raw:
             if key not in allowed:
-                raise SpecError(where, f"unknown field {key!r}", "allowed: " + ", ".join(sorted(allowed)))
-        m2 = self.number(raw.get("second_moment", 1), env, where, "second_moment", positive=True)
+                raise SpecError(at[key], f"unknown field {key!r}", "allowed: " + ", ".join(sorted(allowed)))
+        m2 = self.number(raw.get("second_moment", 1), env, at.get("second_moment"), "second_moment",
+                         positive=True)
         if "features" in raw:
             if "channels" in raw or "size" in raw:
                 raise SpecError(where, "give either features (vector input) or channels and size")
-            return Shape(self.number(raw["features"], env, where, "features", True, True)), m2
+            return Shape(self.number(raw["features"], env, at["features"], "features", True, True)), m2
         if "channels" not in raw or "size" not in raw:
             raise SpecError(where, "input needs {features: N} or {channels: C, size: S or [H, W]}")
-        h, w = self.pair(raw["size"], env, where, "size", positive=True)
-        return Shape(self.number(raw["channels"], env, where, "channels", True, True), h, w), m2
+        h, w = self.pair(raw["size"], env, at["size"], "size", positive=True)
+        return Shape(self.number(raw["channels"], env, at["channels"], "channels", True, True), h, w), m2
 
     def pair(self, raw: Any, env: Mapping[str, Any], where: Where | None, what: str,
              positive: bool = False, minimum: Any = None) -> tuple[Any, Any]:
@@ -235,14 +240,16 @@ class _Builder:
         later = {layer.name for layer in layers}
         for layer in layers:
             later.discard(layer.name)
-            inputs = self._sources(layer, names, later, previous)
-            if layer.when is not None and not expr._truth(
-                _value(layer.when, env, layer.field_where.get("when")), str(layer.when)
-            ):
+            full = prefix + layer.name
+            self.expanded += 1  # skipped layers count too: nested repeats multiply
+            if self.expanded > MAX_NODES:
+                raise SpecError(_located(layer, full), f"more than {MAX_NODES} layers after expanding "
+                                "blocks", "lower the repeat counts of nested blocks")
+            inputs = self._sources(layer, full, names, later, previous)
+            if layer.when is not None and not self._when(layer, full, env):
                 names[layer.name] = inputs[0]  # a skipped layer stands for its input
                 previous = inputs[0]
                 continue
-            full = prefix + layer.name
             if layer.block is not None:
                 previous = self._use_block(layer, env, full, inputs[0], depth)
             else:
@@ -251,7 +258,16 @@ class _Builder:
             names[layer.name] = previous
         return previous
 
-    def _sources(self, layer: Layer, names: Mapping[str, str], later: set[str],
+    def _when(self, layer: Layer, full: str, env: Mapping[str, Any]) -> bool:
+        where = _located(layer, full, "when")
+        value = _value(layer.when, env, where)
+        if expr.is_symbolic(value):
+            names = ", ".join(sorted(map(str, value.free_symbols)))
+            raise SpecError(where, f"when: {layer.when!r} depends on symbolic {names}",
+                            "a condition needs numbers; give them with --set instead of --symbolic")
+        return bool(value)
+
+    def _sources(self, layer: Layer, full: str, names: Mapping[str, str], later: set[str],
                  previous: str) -> tuple[str, ...]:
         if layer.sources is None:
             return (previous,)
@@ -260,10 +276,10 @@ class _Builder:
             if src in names:
                 out.append(names[src])
             elif src == layer.name or src in later:
-                raise SpecError(layer.field_where["from"], f"from: {src!r} is not above this layer "
+                raise SpecError(_located(layer, full, "from"), f"from: {src!r} is not above this layer "
                                 "(inputs must come from earlier layers; this would form a cycle)")
             else:
-                raise SpecError(layer.field_where["from"], f"unknown from: {src!r}",
+                raise SpecError(_located(layer, full, "from"), f"unknown from: {src!r}",
                                 "known here: " + ", ".join(names))
         return tuple(out)
 
@@ -271,43 +287,47 @@ class _Builder:
                    depth: int) -> str:
         block = self.spec.blocks.get(layer.block or "")
         if block is None:
-            raise SpecError(layer.field_where["block"], f"unknown block {layer.block!r}",
+            raise SpecError(_located(layer, full, "block"), f"unknown block {layer.block!r}",
                             "known: " + (", ".join(self.spec.blocks) or "none"))
         if depth >= MAX_DEPTH:
-            raise SpecError(layer.where, f"blocks nested deeper than {MAX_DEPTH} (recursive block?)")
-        for key in (*layer.args, *layer.first):
-            if key not in block.params:
-                raise SpecError(layer.where, f"block {block.name!r} has no parameter {key!r}",
-                                "known: " + (", ".join(block.params) or "none"))
+            raise SpecError(_located(layer, full), f"blocks nested deeper than {MAX_DEPTH}",
+                            "a block may not use itself, directly or through another block")
+        for kind, args in (("with", layer.args), ("first", layer.first)):
+            for key in args:
+                if key not in block.params:
+                    raise SpecError(_located(layer, full, f"{kind}.{key}"),
+                                    f"block {block.name!r} has no parameter {key!r}",
+                                    "known: " + (", ".join(block.params) or "none"))
         repeat = layer.repeat
-        count = 1 if repeat is None else self.number(repeat, env, layer.field_where.get("repeat"),
-                                                     "repeat", integer=True, positive=True)
+        where = _located(layer, full, "repeat")
+        count = 1 if repeat is None else self.number(repeat, env, where, "repeat", True, True)
         if expr.is_symbolic(count) or count > MAX_REPEAT:
-            raise SpecError(layer.field_where.get("repeat"),
-                            f"repeat must be a number from 1 to {MAX_REPEAT}, got {count}")
+            raise SpecError(where, f"repeat must be a number from 1 to {MAX_REPEAT}, got {count}")
         out = source
         for i in range(count):
-            args = dict(layer.args, **(layer.first if i == 0 else {}))
             inner = dict(env)
             for key, default in block.params.items():
-                raw = args.get(key, default)
-                inner[key] = _value(raw, env if key in args else inner, layer.where)
+                kind = "first" if i == 0 and key in layer.first else "with" if key in layer.args else ""
+                if kind:  # an argument, in the caller's scope
+                    raw = (layer.first if kind == "first" else layer.args)[key]
+                    inner[key] = _value(raw, env, _located(layer, full, f"{kind}.{key}"))
+                else:  # a default, which may use the block's earlier parameters
+                    inner[key] = _value(default, inner, block.param_where.get(key))
             prefix = f"{full}.{i}." if repeat is not None else f"{full}."
             out = self.expand(block.layers, inner, prefix, out, f"blocks.{block.name}", depth + 1)
         self._env = env
         return out
 
     def _add(self, layer: Layer, env: Mapping[str, Any], full: str, inputs: tuple[str, ...]) -> None:
-        if len(self.nodes) >= MAX_NODES:
-            raise SpecError(layer.where, f"more than {MAX_NODES} nodes after expanding blocks")
         op = layer.op or ""
-        where = layer.where if full == layer.name else layer.where.at(
-            layer.where.label.replace(f'"{layer.name}"', f'"{full}"', 1))
+        where = _located(layer, full)
         in_shapes = tuple(self.shapes[s] for s in inputs)
         attrs: dict[str, Any] = {}
         for key, default in OP_FIELDS[op].items():
             raw = layer.fields.get(key, default)
-            attrs[key] = self._field(op, key, raw, env, layer.field_where.get(key, where).at(where.label))
+            if raw is None and default is not None:
+                raise SpecError(_located(layer, full, key), f"{key} needs a value, got null")
+            attrs[key] = self._field(op, key, raw, env, _located(layer, full, key))
         from scalecalc.shapes import infer
 
         try:
@@ -352,7 +372,7 @@ class _Builder:
         if counts:
             top = max(counts.values())
             tied = [k for k in counts if counts[k] == top]
-            self.k_typical = min(tied, key=lambda k: (expr.is_symbolic(k), k if not expr.is_symbolic(k) else 0))
+            self.k_typical = min(tied, key=lambda k: (expr.is_symbolic(k), 0 if expr.is_symbolic(k) else k))
         for i, node in enumerate(self.nodes):
             if not node.weighted:
                 continue
@@ -365,6 +385,12 @@ class _Builder:
             except ScalecalcError as err:
                 raise SpecError(where.at(node.where.label), str(err)) from None
             self.nodes[i] = _replace(node, init=init)
+
+
+def _located(layer: Layer, full: str, key: str | None = None) -> Where:
+    """Where ``layer`` (or its field ``key``) is written, labelled with the expanded dotted name."""
+    where = layer.field_where.get(key, layer.where) if key else layer.where
+    return where.at(layer.where.label.replace(f'"{layer.name}"', f'"{full}"', 1))
 
 
 def _replace(node: Node, **changes: Any) -> Node:

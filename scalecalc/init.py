@@ -75,7 +75,7 @@ def resolve_init(raw: Mapping[str, Any], env: Mapping[str, Any], node: Any, k_ty
 
 def _number(raw: Any, env: Mapping[str, Any]) -> Any:
     value = expr.evaluate(raw, env) if isinstance(raw, str) else raw
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) or expr.is_symbolic(value)):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "is_number")):
         raise ScalecalcError(f"init constant must be a number, got {raw!r}")
     if not expr.is_symbolic(value) and value <= 0:
         raise ScalecalcError(f"init constant must be positive, got {value}")

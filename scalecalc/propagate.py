@@ -117,7 +117,7 @@ def _node_result(node: Node, fwd: Mapping[str, M], bwd: Mapping[str, M], sent: t
         # Eq. 2 with the ς this layer itself carries back to its input (App. C)
         gamma = tidy(varsigma_in / (n_out * n_in * k2 * weight_m2**2))
         # extrinsic form; without padding T/ρ_out² = k² and T/k² = ρ_out² (App. D, Thm 1)
-        gamma_ext = tidy(n_in * (taps / node.shape.positions) * (taps / k2) * xs[0] ** 2 * dy / y)
+        gamma_ext = tidy(n_in * taps * taps * xs[0] ** 2 * dy / (node.shape.positions * k2 * y))
         notes.append(str(node.init))
     elif node.op == "scale" and a["learnable"]:
         weight_m2 = a["value"] ** 2

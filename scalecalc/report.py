@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console, Group
@@ -12,6 +13,9 @@ from rich.text import Text
 
 from scalecalc import __version__, expr
 from scalecalc.propagate import Analysis, NodeResult
+
+if TYPE_CHECKING:
+    from scalecalc.corrections import Correction
 
 SCHEMA = 1
 NODE_FIELDS = ("forward_m2", "backward_m2", "varsigma", "weight_m2", "gamma", "gamma_bias")
@@ -75,13 +79,13 @@ def _node(r: NodeResult) -> dict[str, Any]:
 def table(analysis: Analysis) -> Table:
     t = Table(title=f"{analysis.network.name}", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("node", "op", "shape", "E[x²]", "E[Δx²]", "ς", "γ", "γ_b", "notes"):
-        t.add_column(col, justify="right" if col not in ("node", "op", "notes", "shape") else "left",
-                     overflow="fold")
+        left = col in ("node", "op", "notes", "shape")
+        t.add_column(Text(col), justify="left" if left else "right", overflow="fold",
+                     no_wrap=col != "notes")
     for r in analysis.nodes:
-        notes = "; ".join(r.notes)
-        style = "yellow" if not r.exact else None
-        t.add_row(r.name, r.op, r.shape, fmt(r.forward_m2), fmt(r.backward_m2), fmt(r.varsigma),
-                  fmt(r.gamma), fmt(r.gamma_bias), notes, style=style)
+        cells = (r.name, r.op, r.shape, fmt(r.forward_m2), fmt(r.backward_m2), fmt(r.varsigma),
+                 fmt(r.gamma), fmt(r.gamma_bias), "; ".join(r.notes))
+        t.add_row(*map(Text, cells), style=None if r.exact else "yellow")
     return t
 
 
@@ -112,10 +116,24 @@ def _close_to_one(v: Any) -> bool:
     return not expr.is_symbolic(v) and abs(float(v) - 1) < 0.02
 
 
+def correction_dict(c: Correction) -> dict[str, Any]:
+    return {"kind": c.kind, "node": c.node, "value": c.value, "formula": c.formula, "reason": c.reason}
+
+
+def corrections_table(corrections: Sequence[Correction]) -> Table:
+    t = Table(title="corrections", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("kind", "node", "value", "reason"):
+        t.add_column(Text(col), justify="right" if col == "value" else "left", no_wrap=col != "reason")
+    for c in corrections:
+        t.add_row(*map(Text, (c.kind, c.node, fmt(c.value), c.reason)),
+                  style="yellow" if c.kind == "warning" else None)
+    return t
+
+
 def compare_table(name: str, rows: Sequence[tuple[str, Analysis]]) -> Table:
     t = Table(title=f"{name}: initialization schemes", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("scheme", "γ min", "γ max", "γ spread", "γ_b spread", "output E[x²]"):
-        t.add_column(col, justify="left" if col == "scheme" else "right")
+        t.add_column(Text(col), justify="left" if col == "scheme" else "right")
     for scheme, a in rows:
         s = a.summary
         t.add_row(scheme, fmt(s.gamma_min), fmt(s.gamma_max), fmt(s.gamma_spread),
@@ -125,3 +143,10 @@ def compare_table(name: str, rows: Sequence[tuple[str, Analysis]]) -> Table:
 
 def print_analysis(analysis: Analysis, console: Console) -> None:
     console.print(Group(table(analysis), summary(analysis)))
+
+
+def render_text(analysis: Analysis, width: int = 160) -> str:
+    """The human report as plain text at a fixed width (for files and golden tests)."""
+    console = Console(width=width, record=True, color_system=None, file=io.StringIO())
+    print_analysis(analysis, console)
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines()) + "\n"

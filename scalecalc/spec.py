@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from scalecalc.errors import SpecError, Where
+from scalecalc.expr import FUNCTIONS
+from scalecalc.init import ALIASES, DISTRIBUTIONS, SCHEMES
 
 REQUIRED = object()
 _POOL = {"kernel": REQUIRED, "stride": None, "padding": 0}
@@ -48,6 +50,7 @@ LAYER_KEYS = frozenset({"name", "op", "from", "init", "when"})
 BLOCK_USE_KEYS = frozenset({"name", "block", "from", "repeat", "with", "first", "when"})
 INIT_KEYS = frozenset({"scheme", "c", "gain", "distribution"})
 TOP_KEYS = ("name", "input", "params", "init", "output", "blocks", "layers")
+OUTPUT_KEYS = ("grad_second_moment",)
 MAX_REPEAT = 1000
 
 
@@ -75,6 +78,7 @@ class Block:
     params: Mapping[str, Any]
     layers: tuple[Layer, ...]
     where: Where
+    param_where: Mapping[str, Where]
 
 
 @dataclass(frozen=True)
@@ -128,22 +132,27 @@ def load(path: str | Path) -> Spec:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(Where(str(path)), f"cannot read file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(Where(str(path)), f"not UTF-8 text (byte {err.start})") from None
     return parse(text, str(path))
 
 
 def parse(text: str, file: str = "<spec>") -> Spec:
-    loader = _Loader(text)
-    loader.name = file
     try:
-        doc = loader.get_single_data()
+        loader = _Loader(text)
+        loader.name = file
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = Where(file, mark.line + 1, mark.column + 1) if mark else Where(file)
         raise SpecError(where, f"not valid YAML: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
-        raise SpecError(Where(file), f"not valid YAML: {err}") from None
-    finally:
-        loader.dispose()
+        raise SpecError(Where(file), f"not valid YAML: {str(err).splitlines()[0]}") from None
+    except RecursionError:
+        raise SpecError(Where(file), "not valid YAML: nested too deeply") from None
     if not isinstance(doc, _Map):
         raise SpecError(Where(file, 1, 1), "a spec is a mapping with keys " + ", ".join(TOP_KEYS))
     top = _Ctx(file, doc, "spec")
@@ -151,29 +160,35 @@ def parse(text: str, file: str = "<spec>") -> Spec:
     name = doc["name"]
     if not isinstance(name, str) or not name.strip():
         raise SpecError(top.at("name"), "name must be a non-empty string")
-    blocks_doc = top.mapping("blocks")
+    blocks_ctx = _Ctx(file, top.mapping("blocks"), "blocks")
     blocks = {}
-    for bname in blocks_doc:
-        bctx = top.child(blocks_doc, bname, f"blocks.{bname}")
-        _identifier(bname, bctx.at(None))
-        body = bctx.own_mapping()
-        bctx = _Ctx(file, body, f"blocks.{bname}")
+    for bname in blocks_ctx.doc:
+        _identifier(bname, blocks_ctx.at(bname, f"blocks.{bname}"))
+        bctx = _Ctx(file, blocks_ctx.mapping(bname, required=True), f"blocks.{bname}")
         bctx.check_keys(("params", "layers"), required=("layers",))
+        params = _params(bctx, f"blocks.{bname}.params")
         blocks[bname] = Block(
-            bname, MappingProxyType(dict(bctx.mapping("params"))),
-            _layers(bctx, f"blocks.{bname}.layers"), bctx.at(None),
+            bname, MappingProxyType(dict(params)), _layers(bctx, f"blocks.{bname}.layers"),
+            bctx.at(None), MappingProxyType({k: Where(file, *params.marks[k], f"blocks.{bname}.params.{k}")
+                                             for k in params}),
         )
     init = top.mapping("init")
     _check_init(init, _Ctx(file, init, "init"))
-    where = {key: top.at(key) for key in doc}
+    output = _Ctx(file, top.mapping("output"), "output")
+    output.check_keys(OUTPUT_KEYS)
+    located = {key: top.at(key) for key in doc}
+    for key in ("input", "output"):  # located sub-fields, e.g. "input.size"
+        located.update(_wheres(top.mapping(key), file, key, key))
+    params = _params(top, "params")
+    located.update(_wheres(params, file, "params"))
     return Spec(
         name=name.strip(), file=file,
         input=MappingProxyType(dict(top.mapping("input"))),
-        params=MappingProxyType(dict(top.mapping("params"))),
+        params=MappingProxyType(dict(params)),
         init=MappingProxyType(dict(init)),
-        output=MappingProxyType(dict(top.mapping("output"))),
+        output=MappingProxyType(dict(output.doc)),
         blocks=MappingProxyType(blocks), layers=_layers(top, "layers"),
-        where=MappingProxyType(where),
+        where=MappingProxyType(located),
     )
 
 
@@ -196,9 +211,10 @@ class _Ctx:
             if key not in self.doc:
                 raise SpecError(self.at(None), f"missing field {key!r}")
 
-    def mapping(self, key: str) -> _Map:
+    def mapping(self, key: str, required: bool = False) -> _Map:
+        """The mapping under ``key``; an absent or empty (null) one reads as ``{}``."""
         value = self.doc.get(key)
-        if value is None:
+        if value is None and not required:
             empty = _Map()
             empty.marks, empty.mark = {}, self.doc.marks.get(key, self.doc.mark)
             return empty
@@ -206,22 +222,26 @@ class _Ctx:
             raise SpecError(self.at(key), f"{key} must be a mapping, not {_kind(value)}")
         return value
 
-    def child(self, doc: _Map, key: str, label: str) -> _Ctx:
-        ctx = _Ctx(self.file, doc, label)
-        ctx.key = key
-        return ctx
-
-    def own_mapping(self) -> _Map:
-        value = self.doc[self.key]
-        if not isinstance(value, _Map):
-            raise SpecError(self.at(self.key), f"must be a mapping, not {_kind(value)}")
-        return value
-
-    key: str = ""
-
 
 def _kind(value: Any) -> str:
-    return {list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
+    kinds = {list: "a list", str: "a string", bool: "a boolean", type(None): "empty"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _wheres(doc: _Map, file: str, prefix: str, label: str | None = None) -> dict[str, Where]:
+    """Where each key of ``doc`` was written, keyed ``prefix.key``."""
+    return {f"{prefix}.{k}": Where(file, *doc.marks[k], label or f"{prefix}.{k}") for k in doc}
+
+
+def _params(ctx: _Ctx, label: str) -> _Map:
+    params = ctx.mapping("params")
+    for key in params:
+        where = Where(ctx.file, *params.marks[key], f"{label}.{key}")
+        if not key.isidentifier() or keyword.iskeyword(key) or key.startswith("__") or key in FUNCTIONS:
+            raise SpecError(where, f"parameter name {key!r} is not usable in expressions",
+                            "allowed: Python identifiers, not keywords, not starting with __, not "
+                            + ", ".join(FUNCTIONS))
+    return params
 
 
 def _identifier(name: Any, where: Where) -> str:
@@ -252,7 +272,7 @@ def _layers(ctx: _Ctx, label: str) -> tuple[Layer, ...]:
 
 def _layer(ctx: _Ctx, item: _Map) -> Layer:
     raw_name = item.get("name")
-    what = f"{ctx.label} {raw_name!r}" if raw_name is not None else ctx.label
+    what = f'{ctx.label} "{raw_name}"' if raw_name is not None else ctx.label
     if "name" not in item:
         raise SpecError(ctx.at(None), "missing field 'name'")
     has_op, has_block = "op" in item, "block" in item
@@ -260,9 +280,9 @@ def _layer(ctx: _Ctx, item: _Map) -> Layer:
         raise SpecError(ctx.at(None, what), "a layer needs exactly one of 'op' or 'block'")
     op, block = item.get("op"), item.get("block")
     ctx.label = f'{ctx.label} "{raw_name}" ' + (f"(op: {op})" if has_op else f"(block: {block})")
-    _identifier(raw_name, ctx.at("name"))
+    name = _identifier(raw_name, ctx.at("name"))
     if has_op:
-        if op not in OP_FIELDS:
+        if not isinstance(op, str) or op not in OP_FIELDS:
             raise SpecError(ctx.at("op"), f"unknown op {op!r}", "known: " + ", ".join(OP_FIELDS))
         fields = OP_FIELDS[op]
         allowed = LAYER_KEYS | set(fields)
@@ -289,16 +309,22 @@ def _layer(ctx: _Ctx, item: _Map) -> Layer:
         if not isinstance(init, _Map):
             raise SpecError(ctx.at("init"), "init must be a mapping")
         _check_init(init, _Ctx(ctx.file, init, ctx.label + " init"))
-    args, first = (_Ctx(ctx.file, item, ctx.label).mapping(k) for k in ("with", "first"))
+    args, first = ctx.mapping("with"), ctx.mapping("first")
+    field_where = {k: ctx.at(k) for k in item}
+    for key, doc in (("with", args), ("first", first)):
+        field_where.update(_wheres(doc, ctx.file, key, ctx.label))
     return Layer(
-        name=raw_name, op=op, block=block,
+        name=name, op=op, block=block,
         fields=MappingProxyType({k: item[k] for k in fields if k in item}),
         sources=sources, init=init, repeat=item.get("repeat"),
         args=MappingProxyType(dict(args)), first=MappingProxyType(dict(first)),
         when=item.get("when"), where=ctx.at(None),
-        field_where=MappingProxyType({k: ctx.at(k) for k in item}),
+        field_where=MappingProxyType(field_where),
     )
 
 
 def _check_init(init: _Map, ctx: _Ctx) -> None:
     ctx.check_keys(INIT_KEYS)
+    for key, known in (("scheme", (*SCHEMES, *ALIASES)), ("distribution", DISTRIBUTIONS)):
+        if key in init and init[key] not in known:
+            raise SpecError(ctx.at(key), f"unknown init {key} {init[key]!r}", "known: " + ", ".join(known))

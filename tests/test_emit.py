@@ -1,0 +1,164 @@
+"""`scalecalc emit --torch`: the emitted file is valid, standalone, faithful and safe."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from scalecalc.codegen import EMITTERS, MODULE_ATTRS  # noqa: E402
+from scalecalc.corrections import correct  # noqa: E402
+from scalecalc.graph import build  # noqa: E402
+from scalecalc.propagate import propagate  # noqa: E402
+from scalecalc.rules import RULES  # noqa: E402
+from scalecalc.spec import load, parse  # noqa: E402
+from tests.conftest import ROOT, SPECS  # noqa: E402
+from tests.measure import load_module, sample  # noqa: E402
+
+CLI = [sys.executable, "-c", "from scalecalc.cli import main; main()"]
+SMALL = {"resnet50_preact": ["--set", "w=8", "--set", "size=32"]}
+
+
+def emit(spec, *args: str) -> str:  # type: ignore[no-untyped-def]
+    out = subprocess.run([*CLI, "emit", "--torch", str(spec), *args], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_emitters_cover_every_rule() -> None:
+    assert set(EMITTERS) == set(RULES)
+
+
+def test_module_attrs_list_is_complete() -> None:
+    public = {a for a in dir(torch.nn.Module) if not a.startswith("_")}
+    assert public <= MODULE_ATTRS | {"T_destination"}, sorted(public - MODULE_ATTRS)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("flag", ["", "--no-correct"])
+def test_emitted_file_is_valid(spec, flag: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    source = emit(spec, *([flag] if flag else []), *SMALL.get(spec.stem, []))
+    path = tmp_path / f"emitted_{spec.stem}.py"
+    path.write_text(source)
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", str(path)],
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    assert "scalecalc" not in {line.split()[1] for line in source.splitlines()
+                               if line.startswith(("import ", "from "))}
+    module = load_module(source, path)
+    model = module.Model()
+    x = torch.randn(2, *module.INPUT_SHAPE, requires_grad=True)
+    y = model(x)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert not any(isinstance(b, torch.nn.Parameter) for b in model.buffers())
+    sets = dict(kv.split("=") for kv in SMALL.get(spec.stem, [])[1::2])
+    net = build(load(spec), {k: int(v) for k, v in sets.items()})
+    net = net if flag else correct(net).network
+    shapes = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: shapes.__setitem__(n, tuple(out.shape[1:]))) for n in net.order[1:]]
+    model(x)
+    for h in hooks:
+        h.remove()
+    for node in net.nodes[1:]:
+        s = node.shape
+        assert shapes[node.name] == ((s.channels, s.h, s.w) if s.spatial else (s.channels,)), node.name
+
+
+@pytest.mark.parametrize("name", ["lenet_strided", "vgg11"])
+def test_emitted_golden(name: str, golden) -> None:
+    golden(f"emit_{name}.py", emit(ROOT / "specs" / f"{name}.yaml"))
+
+
+def test_no_correct_reproduces_spec_init(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    text = """
+name: own-init
+input: {features: 200}
+init: {scheme: fan_in, distribution: uniform}
+layers:
+  - {name: fc1, op: linear, out: 300}
+  - {name: relu1, op: relu}
+  - {name: fc2, op: linear, out: 100, init: {scheme: xavier}}
+  - {name: relu2, op: relu}
+  - {name: fc3, op: linear, out: 50, init: {scheme: geometric, c: 0.5}}
+"""
+    spec = tmp_path / "own.yaml"
+    spec.write_text(text)
+    module = load_module(emit(spec, "--no-correct"), tmp_path / "own_init.py")
+    model = module.Model().double()
+    expected = {"fc1": 2 / 200, "fc2": 2 / (200 + 300) * 2 / 2 * 1 / 1 * 2 / 2, "fc3": 0.5 / math.sqrt(100 * 50)}
+    expected["fc2"] = 1 * 2 / (300 + 100)  # Xavier: 2·gain/(n_in + n_out), gain 1
+    rel_se = {"fc1": math.sqrt(0.8 / (200 * 300)), "fc2": math.sqrt(2 / (300 * 100)),
+              "fc3": math.sqrt(2 / (100 * 50))}  # Var(W²)/E[W²]² = 4/5 uniform, 2 normal
+    for name, m2 in expected.items():
+        measured = model.get_submodule(name).weight.square().mean().item()
+        assert abs(measured / m2 - 1) < 5 * rel_se[name], (name, measured, m2)
+    weights = model.get_submodule("fc1").weight
+    bound = math.sqrt(3 * expected["fc1"])
+    assert weights.abs().max().item() <= bound  # uniform, not normal
+
+
+HOSTILE = [
+    'name: "evil\\"\\"\\"\\nimport os  # "\ninput: {features: 4}\nlayers:\n  - {name: fc, op: linear, out: 2}\n',
+    "name: t\ninput: {features: 4}\nlayers:\n  - {name: forward, op: linear, out: 2}\n",
+    "name: t\ninput: {features: 4}\nlayers:\n  - {name: \"x; import os\", op: linear, out: 2}\n",
+    "name: t\ninput: {features: 4}\nblocks:\n  \"B(nn.Module): pass\\nimport os\\nclass C\":\n"
+    "    layers: [{name: fc, op: linear, out: 2}]\nlayers:\n  - {name: b, block: \"B(nn.Module): pass\\nimport os\\nclass C\"}\n",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_hostile_strings_never_reach_the_file(text: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "hostile.yaml"
+    spec.write_text(text)
+    target = tmp_path / "out.py"
+    out = subprocess.run([*CLI, "emit", "--torch", str(spec), "-o", str(target)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert "Traceback" not in out.stderr
+    if out.returncode == 0:
+        source = target.read_text()
+        assert "import os" not in source and '"""\n' not in source.split('"""', 2)[1]
+        compile(source, str(target), "exec")
+    else:
+        assert out.returncode == 2 and not target.exists()
+
+
+@pytest.mark.parametrize("name", ["lenet_strided", "alexnet_strided"])
+def test_corrected_model_is_preconditioned(name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Measured weight-to-gradient ratios equal across layers (10%) and output std at target (10%)."""
+    spec = ROOT / "specs" / f"{name}.yaml"
+    fixed = correct(build(load(spec)))
+    predicted = propagate(fixed.network)
+    assert predicted.summary.gamma_spread == pytest.approx(1, abs=0.02)
+    module = load_module(emit(spec), tmp_path / f"corrected_{name}.py")
+    weighted = [n.name for n in fixed.network.nodes if n.weighted]
+    stats = sample(module, [fixed.network.output], weighted, draws=24, batch=8)
+    ratios = [stats[n]["ratio"].mean for n in weighted]
+    assert max(ratios) / min(ratios) < 1.10, dict(zip(weighted, ratios))
+    out = stats[fixed.network.output]["forward"]
+    assert abs(math.sqrt(out.mean) / 0.05 - 1) < 0.10, out
+
+
+def test_corrected_analysis_is_preconditioned_on_specs_that_keep_scaling() -> None:
+    from scalecalc.corrections import KEEPS
+
+    for spec in SPECS:
+        net = build(load(spec))
+        fixed = propagate(correct(net, 0.05).network)
+        if all(n.op in KEEPS for n in net.nodes[1:]):
+            assert fixed.summary.gamma_spread <= 1.02, spec.stem
+        assert math.sqrt(fixed.summary.output_m2) == pytest.approx(0.05, rel=1e-6)
+
+
+def test_symbolic_spec_cannot_be_corrected() -> None:
+    from scalecalc.errors import ScalecalcError
+
+    spec = parse("name: t\ninput: {features: n}\nparams: {n: 4}\nlayers:\n  - {name: fc, op: linear, out: 2}\n")
+    with pytest.raises(ScalecalcError, match="numbers"):
+        correct(build(spec, symbolic=("n",)))
