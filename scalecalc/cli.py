@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from scalecalc.errors import ScalecalcError
+
+if TYPE_CHECKING:
+    from scalecalc.corrections import Correction
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Static scaling calculus for ReLU-family networks.")
@@ -32,7 +35,10 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ScalecalcError(f"--set {item!r}: expected NAME=VALUE")
-        number = expr.evaluate(text, {})
+        try:
+            number = expr.evaluate(text, {})
+        except ScalecalcError as err:
+            raise ScalecalcError(f"--set {item!r}: value must be a number ({err})") from None
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ScalecalcError(f"--set {item!r}: value must be a number")
         out[key.strip()] = number
@@ -69,7 +75,7 @@ def analyze(
     from scalecalc.propagate import propagate
     from scalecalc.spec import load
 
-    corrections = ()
+    corrections: tuple[Correction, ...] = ()
     try:
         parsed = load(spec)
         overrides, symbols = _overrides(set_), tuple(symbolic or ())

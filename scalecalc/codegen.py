@@ -309,9 +309,9 @@ class _Writer:
 
     def _comment(self, full: str, layer: Layer | None) -> str:
         text = self.comments.get(full, "")
-        if not text and full in self.present and self.net.node(full).init is not None:
-            text = f"{self.net.node(full).init} (Eq. 3)" if self.net.node(full).init.scheme == "geometric" \
-                else str(self.net.node(full).init)
+        init = self.net.node(full).init if full in self.present else None
+        if not text and init is not None:
+            text = f"{init} (Eq. 3)" if init.scheme == "geometric" else str(init)
         if not text and layer is not None and layer.when is not None and full not in self.present:
             text = "skipped here (when: false): stands for its input"
         return f"  # {_clean(text)}" if text else ""

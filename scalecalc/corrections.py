@@ -85,7 +85,7 @@ def correct(net: Network, output_std: float = DEFAULT_OUTPUT_STD) -> Corrected:
         out=1.0, bias={n.name: 1.0 for n in net.nodes if n.op == "bias"},
     )
     ref = weighted[0].name
-    for sweep in range(1, MAX_SWEEPS + 1):
+    for sweep in range(1, MAX_SWEEPS + 1):  # noqa: B007 (reported after the loop)
         change = _forward_sweep(net, plan, output_std)
         a = propagate(apply(net, plan)[0])
         change = max(change, _balance(plan, a, ref))
@@ -94,8 +94,7 @@ def correct(net: Network, output_std: float = DEFAULT_OUTPUT_STD) -> Corrected:
     else:
         raise ScalecalcError(f"corrections did not converge in {MAX_SWEEPS} sweeps (last change {change:.2g})")
     corrected, origin = apply(net, plan, prune=True)
-    inserted = {name: key if kind == "branch" else (str(key), 0)
-                for name, (kind, key) in origin.items()}
+    inserted = {name: (target, index) for name, (kind, target, index) in origin.items()}
     return Corrected(corrected, tuple(_explain(net, plan, c0, output_std)), inserted, sweeps=sweep)
 
 
@@ -120,14 +119,13 @@ def _forward_sweep(net: Network, plan: _Plan, output_std: float) -> float:
     fwd = {"input": net.input_m2}
     for node in fixed.nodes[1:]:
         xs = [fwd[s] for s in node.inputs]
-        kind, key = origin.get(node.name, ("", ""))
+        kind, target, index = origin.get(node.name, ("", "", 0))
         if kind == "pre":
-            value = 1 / math.sqrt(xs[0] * math.sqrt(_k_eff(net.node(str(key)))))
-            plan.pre[str(key)] = _move(plan.pre[str(key)], value, change)
+            value = 1 / math.sqrt(xs[0] * math.sqrt(_k_eff(net.node(target))))
+            plan.pre[target] = _move(plan.pre[target], value, change)
         elif kind == "branch":
-            add = fixed.node(str(key[0]))
-            value = math.sqrt(fwd[add.inputs[0]] / xs[0])
-            plan.branch[key] = _move(plan.branch[key], value, change)  # type: ignore[index]
+            value = math.sqrt(fwd[fixed.node(target).inputs[0]] / xs[0])
+            plan.branch[(target, index)] = _move(plan.branch[(target, index)], value, change)
         elif kind == "out":
             value = output_std / math.sqrt(xs[0])
             plan.out = _move(plan.out, value, change)
@@ -157,22 +155,22 @@ def _k_eff(node: Node) -> float:
     return float(a["n_in"] * (a["taps"] / positions) * (a["taps"] / (a["k2"] * positions)))
 
 
-def apply(net: Network, plan: _Plan, prune: bool = False) -> tuple[Network, dict[str, tuple[str, object]]]:
+def apply(net: Network, plan: _Plan, prune: bool = False) -> tuple[Network, dict[str, tuple[str, str, int]]]:
     """The network with the plan's inits and fixed multipliers inserted as ``scale`` nodes,
     and for each inserted node the plan entry it comes from."""
     taken = set(net.order)
     nodes: list[Node] = []
     rename: dict[str, str] = {}
-    origin: dict[str, tuple[str, object]] = {}
+    origin: dict[str, tuple[str, str, int]] = {}
 
     def insert(before: Node, src: str, value: float, suffix: str) -> str:
         if prune and abs(value - 1) < 1e-9:
             return src
         name = _fresh(f"{before.name}_{suffix}", taken)
         if suffix != "in":
-            origin[name] = ("branch", (before.name, int(suffix[2:])))
+            origin[name] = ("branch", before.name, int(suffix[2:]))
         else:
-            origin[name] = ("pre" if before.weighted else "bias", before.name)
+            origin[name] = ("pre" if before.weighted else "bias", before.name, 0)
         shape = before.in_shapes[0] if suffix == "in" else _shape_of(nodes, net, src)
         nodes.append(Node(name, "scale", (src,), MappingProxyType({"value": value, "learnable": False}),
                           shape, (shape,), before.where, block=before.block))
@@ -204,7 +202,7 @@ def apply(net: Network, plan: _Plan, prune: bool = False) -> tuple[Network, dict
     out = _fresh("output_scale", taken)
     nodes.append(Node(out, "scale", (last.name,), MappingProxyType({"value": plan.out, "learnable": False}),
                       last.shape, (last.shape,), last.where))
-    origin[out] = ("out", "")
+    origin[out] = ("out", "", 0)
     return assemble(net, nodes), origin
 
 

@@ -99,7 +99,7 @@ def _pow(a: Value, b: Value) -> Value:
         if abs(a) > 1 and b * math.log10(abs(a)) > math.log10(MAX_MAGNITUDE):
             raise ExprError(f"{a}**{b} is too large (limit {MAX_MAGNITUDE:g})")
         if a < 0 and b != int(b):
-            raise ExprError(f"({a})**{b} is not a real number")
+            raise ExprError(f"({a})**({b}) is not a real number")
     return a**b
 
 
@@ -112,9 +112,9 @@ def check(value: Value, text: str) -> Value:
             raise ExprError(f"{text!r} is not a finite real number (got {value})")
         if is_symbolic(value):
             return value
-    if isinstance(value, complex) or not math.isfinite(value):
+    elif isinstance(value, complex) or not math.isfinite(value):
         raise ExprError(f"{text!r} is not a finite real number (got {value})")
-    if abs(value) > MAX_MAGNITUDE:
+    if abs(value) > MAX_MAGNITUDE:  # exact for sympy numbers too
         raise ExprError(f"{text!r} is too large (limit {MAX_MAGNITUDE:g})")
     return value
 
@@ -165,8 +165,11 @@ def parse(text: str) -> ast.Expression:
                 wanted = "one or more arguments" if name in _VARIADIC else "one argument"
                 raise ExprError(f"{name}() in {text!r} takes {wanted}, got {len(node.args)}")
         elif isinstance(node, ast.Constant):
-            if type(node.value) not in (int, float):
-                raise ExprError(f"{text!r} contains {node.value!r}; only numbers are allowed")
+            value = node.value
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ExprError(f"{text!r} contains {value!r}; only numbers are allowed")
+            if not math.isfinite(value):  # 1e400 reads as inf
+                raise ExprError(f"{text!r} contains {value!r}, not a finite number")
         elif not isinstance(
             node,
             (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load, ast.Compare,

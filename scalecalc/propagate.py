@@ -6,11 +6,13 @@ where a node read by several layers receives the sum of their (uncorrelated) gra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from scalecalc import expr
+from scalecalc.errors import ScalecalcError
 from scalecalc.graph import Network, Node
 from scalecalc.rules import RULES
 
@@ -72,12 +74,12 @@ def propagate(net: Network) -> Analysis:
     tidy = _simplifier(net)
     fwd: dict[str, M] = {"input": net.input_m2}
     for node in net.nodes[1:]:
-        fwd[node.name] = tidy(RULES[node.op].forward(node, [fwd[s] for s in node.inputs]))
+        fwd[node.name] = _finite(tidy(RULES[node.op].forward(node, [fwd[s] for s in node.inputs])), node, "E[x²]")
     bwd: dict[str, M] = {name: 0 for name in net.order}
     bwd[net.output] = net.grad_m2
     sent: dict[str, tuple[M, ...]] = {}
     for node in reversed(net.nodes[1:]):
-        bwd[node.name] = tidy(bwd[node.name])
+        bwd[node.name] = _finite(tidy(bwd[node.name]), node, "E[Δx²]")
         sent[node.name] = tuple(RULES[node.op].backward(node, [fwd[s] for s in node.inputs],
                                                         bwd[node.name]))
         for src, grad in zip(node.inputs, sent[node.name]):
@@ -153,6 +155,14 @@ def _range(values: list[M], tidy: Any) -> tuple[M, M, M]:
         return (values[0], values[0], 1) if distinct == {1} else (None, None, None)
     lo, hi = min(values), max(values)
     return lo, hi, hi / lo
+
+
+def _finite(value: M, node: Node, what: str) -> M:
+    """Stop at the first moment that leaves the floating-point range, naming the node."""
+    if not expr.is_symbolic(value) and not 0 < float(value) < math.inf:
+        raise ScalecalcError(f"{node.where}: {what} of {node.name!r} is {float(value):.3g}; the signal "
+                             "overflows or vanishes here (check scale values and widths)")
+    return value
 
 
 def _is_one(value: M) -> bool:

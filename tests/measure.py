@@ -33,6 +33,14 @@ def _estimate(values: list[float]) -> Estimate:
     return Estimate(statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)))
 
 
+def _keep(name: str, outputs: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+    def hook(module, args, out):  # type: ignore[no-untyped-def]
+        out.retain_grad()
+        outputs[name] = out
+
+    return hook
+
+
 def sample(module, nodes: list[str], weighted: list[str], draws: int, batch: int,  # type: ignore[no-untyped-def]
            input_m2: float = 1.0, seed: int = 0) -> dict[str, dict[str, Estimate]]:
     """E[y²], E[Δy²] per node and the per-sample E[ΔW²]/E[W²] per weighted layer.
@@ -46,14 +54,7 @@ def sample(module, nodes: list[str], weighted: list[str], draws: int, batch: int
     for _ in range(draws):
         model = module.Model().double()
         outputs: dict[str, torch.Tensor] = {}
-
-        def keep(name: str):  # type: ignore[no-untyped-def]
-            def hook(mod, args, out):  # type: ignore[no-untyped-def]
-                out.retain_grad()
-                outputs[name] = out
-            return hook
-
-        handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in nodes]
+        handles = [model.get_submodule(n).register_forward_hook(_keep(n, outputs)) for n in nodes]
         x = torch.randn(batch, *module.INPUT_SHAPE, dtype=torch.float64) * math.sqrt(input_m2)
         x.requires_grad_(True)
         y = model(x)

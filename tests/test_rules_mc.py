@@ -110,9 +110,7 @@ def _conv_same(net: Net, x: Tensor) -> Tensor:
 
 
 def _relu(net: Net, x: Tensor) -> Tensor:
-    h = net.node("relu1", F.relu(x))
-    h = net.node("relu2", F.relu(net.linear("fc1", h, 256)))
-    return net.linear("fc2", h, 512)
+    return net.linear("fc", net.node("relu", F.relu(x)), 1024)
 
 
 def _leaky_relu(net: Net, x: Tensor) -> Tensor:
@@ -167,14 +165,14 @@ def _concat(net: Net, x: Tensor) -> Tensor:
 def _avgpool(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 64, 1, bias=False)
     h = net.node("pool", F.avg_pool2d(h, 3, stride=2, padding=1))  # count_include_pad=True
-    return net.conv("conv2", h, 64, 1)
+    return net.conv("conv2", h, 128, 1)
 
 
 def _global_avgpool(bias: bool) -> Callable[[Net, Tensor], Tensor]:
     def ref(net: Net, x: Tensor) -> Tensor:
         h = net.conv("conv", x, 64, 3, bias=bias)
         h = net.node("gap", h.mean((2, 3)))
-        return net.linear("fc", h, 256)
+        return net.linear("fc", h, 512)
 
     return ref
 
@@ -280,11 +278,16 @@ def measure(name: str) -> Measurement:
     s = net_spec.input_shape
     in_shape = (s.channels, s.h, s.w) if s.spatial else (s.channels,)
     draws, shapes = [], {}
-    for d in range(case.draws):
-        torch.manual_seed(100_000 * case.seed + d)
-        net = Net(m2)
-        draws.append(_draw(case, REFERENCES[name], net, in_shape, float(net_spec.input_m2)))
-        shapes = {n: "×".join(map(str, t.shape[1:])) for n, t in net.nodes.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these tensors are small: threads only add overhead
+    try:
+        for d in range(case.draws):
+            torch.manual_seed(100_000 * case.seed + d)
+            net = Net(m2)
+            draws.append(_draw(case, REFERENCES[name], net, in_shape, float(net_spec.input_m2)))
+            shapes = {n: "×".join(map(str, t.shape[1:])) for n, t in net.nodes.items()}
+    finally:
+        torch.set_num_threads(threads)
     values = torch.tensor([[d[k] for k in draws[0]] for d in draws], dtype=F64)
     mean, se = values.mean(0), values.std(0) / math.sqrt(case.draws)
     return Measurement(dict(zip(draws[0], mean.tolist())), dict(zip(draws[0], se.tolist())), shapes)
@@ -420,4 +423,5 @@ def test_planted_wrong_rule_is_caught(planted: str, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("name", list(KNOWN_ISSUES))
 def test_known_issue(name: str) -> None:
     """Limitations outside the rules, kept visible: these fail until they are fixed."""
-    assert_agrees(checks(analyse(name), measure(name)), EXACT_TOL, N_SE)
+    found = [c for c in checks(analyse(name), measure(name)) if c.quantity == "gamma_bias"]
+    assert_agrees(found, EXACT_TOL, N_SE)
