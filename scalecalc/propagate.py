@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scalecalc import expr
+from scalecalc.assumptions import Checks, check
 from scalecalc.errors import ScalecalcError
 from scalecalc.graph import Network, Node
 from scalecalc.rules import RULES
@@ -85,10 +86,10 @@ def propagate(net: Network) -> Analysis:
         for src, grad in zip(node.inputs, sent[node.name]):
             bwd[src] = bwd[src] + grad
     bwd["input"] = tidy(bwd["input"])
-    shared = _shared_randomness(net)
+    checks = check(net)
     results, changes = [], []
     for node in net.nodes:
-        result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), net, shared, tidy)
+        result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy)
         results.append(result)
         if change:
             changes.append(change)
@@ -96,7 +97,7 @@ def propagate(net: Network) -> Analysis:
 
 
 def _node_result(node: Node, fwd: Mapping[str, M], bwd: Mapping[str, M], sent: tuple[M, ...],
-                 net: Network, shared: Mapping[str, frozenset[str]], tidy: Any
+                 checks: Checks, tidy: Any
                  ) -> tuple[NodeResult, VarsigmaChange | None]:
     y, dy = fwd[node.name], bwd[node.name]
     varsigma = tidy(node.shape.size * dy * y)
@@ -107,9 +108,7 @@ def _node_result(node: Node, fwd: Mapping[str, M], bwd: Mapping[str, M], sent: t
     # ς carried into this node: each input's ς counted with the gradient this node sends it
     varsigma_in = tidy(sum(s.size * x * g for s, x, g in zip(node.in_shapes, xs, sent)))
     notes = [rule.note] if rule.note else []
-    correlated = _correlated(node, shared)
-    if correlated:
-        notes.append(f"{node.op}: inputs share randomness via {correlated} (rule assumes uncorrelated)")
+    notes.extend(checks.notes[node.name])
     weight_m2 = gamma = gamma_ext = gamma_bias = None
     a = node.attrs
     if node.weighted:
@@ -133,7 +132,7 @@ def _node_result(node: Node, fwd: Mapping[str, M], bwd: Mapping[str, M], sent: t
         change = VarsigmaChange(node.name, node.op, ratio, rule.keeps_scaling)
         notes.append(f"ς ×{_short(ratio)}: {rule.keeps_scaling}")
     result = NodeResult(node.name, node.op, node.inputs, str(node.shape), y, dy, varsigma,
-                        weight_m2, gamma, gamma_ext, gamma_bias, rule.exact and not correlated,
+                        weight_m2, gamma, gamma_ext, gamma_bias, rule.exact and checks.holds(node.name),
                         tuple(notes))
     return result, change
 
@@ -184,30 +183,3 @@ def _simplifier(net: Network) -> Any:
         return sympy.powsimp(sympy.factor_terms(sympy.cancel(sympy.sympify(value))), force=True)
 
     return tidy
-
-
-def _shared_randomness(net: Network) -> dict[str, frozenset[str]]:
-    """For each node, the nodes whose randomness reaches it through no random weight.
-
-    A conv/linear output is uncorrelated with its input (its weights are zero-mean and
-    independent), so it starts a fresh set; other ops pass their inputs' sets on.
-    """
-    sets: dict[str, frozenset[str]] = {}
-    for node in net.nodes:
-        if node.weighted or not node.inputs:
-            sets[node.name] = frozenset({node.name})
-        else:
-            sets[node.name] = frozenset({node.name}).union(*(sets[s] for s in node.inputs))
-    return sets
-
-
-def _correlated(node: Node, shared: Mapping[str, frozenset[str]]) -> str:
-    if len(node.inputs) < 2:
-        return ""
-    seen: set[str] = set()
-    for src in node.inputs:
-        common = seen & shared[src]
-        if common:
-            return sorted(common)[0]
-        seen |= shared[src]
-    return ""

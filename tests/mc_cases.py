@@ -136,7 +136,7 @@ layers:
   - {name: sum, op: add, from: [fa, fb], weights: [0.6, 1.5]}
   - {name: relu, op: relu}
   - {name: fc, op: linear, out: 512}
-""", batch=32, draws=128, seed=10),
+""", batch=32, draws=256, seed=10),
     # branches with different widths and second moments, so the channel weighting matters
     "concat": MCCase("""
 name: mc-concat
@@ -196,9 +196,10 @@ layers:
   - {name: relu, op: relu}
   - {name: conv2, op: conv, out: 256, kernel: 1}
 """, batch=16, draws=128, seed=15, tol=0.05),
-    # Per-sample statistics over n = 256 features: 1/σ̂² overshoots 1/σ² by ≈ 2/n = 0.8%
-    # (Jensen) and the mean/variance projection removes ≈ 2/n; they cancel to first order,
-    # so 5% leaves room for the noise only.
+    # Per-sample statistics: each sample's σ̂² varies with its own input norm (relative
+    # variance 2/n_in, n_in = 128) and with the n = 256 normalised features (2/n), so
+    # E[1/σ̂²] exceeds 1/E[x²] by ≈ 2/n_in + 2/n ≈ 2.3% (Jensen), while the mean/variance
+    # projection removes ≈ 2/n ≈ 0.8%: we expect the backward rule ~1.5–2% low; 5% allowed.
     "layernorm": MCCase("""
 name: mc-layernorm
 input: {features: 128}

@@ -8,9 +8,10 @@ record, for every node, E[y²] and E[Δy²]; for every weighted layer the per-sa
 E[ΔW²] over E[W²]; for every bias the per-sample E[Δb²] over E[y²] (Eq. 7); for a
 learnable scale u, E[Δu²]/u². Per-sample gradients are formed from each layer's input and
 output gradient (checked against autograd's batch sum), so each sample is one sample's
-gradient as in the paper. A quantity's estimate is its mean over draws, with standard
-error = draw-to-draw standard deviation / √draws (channels within one draw share weights
-and are not independent, so √(2/N) would be optimistic).
+gradient as in the paper. A quantity's estimate is its mean over draws (for a ratio, the
+ratio of the means), with a standard error from the draw-to-draw spread / √draws:
+channels within one draw share weights and are not independent, so √(2/N) over all
+N values would be optimistic.
 """
 
 from __future__ import annotations
@@ -245,33 +246,41 @@ def _per_sample_weight_m2(layer: _Weighted, dy: Tensor) -> float:
 
 
 def _draw(case: MCCase, reference: Callable[[Net, Tensor], Tensor], net: Net, in_shape: tuple[int, ...],
-          in_m2: float) -> dict[tuple[str, str], float]:
+          in_m2: float) -> dict[tuple[str, str], tuple[float, float]]:
+    """One draw: each quantity as (numerator, denominator); moments have denominator 1."""
     x = (torch.randn((case.batch, *in_shape), dtype=F64) * math.sqrt(in_m2)).requires_grad_()
     net.node("input", x)
     y = reference(net, x)
     assert y is net.nodes[list(net.nodes)[-1]], "the reference must return its last node"
     (y * torch.randn_like(y)).sum().backward()
-    out: dict[tuple[str, str], float] = {}
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    m2 = {name: t.detach().pow(2).mean().item() for name, t in net.nodes.items()}
     for name, t in net.nodes.items():
-        out[name, "forward_m2"] = t.detach().pow(2).mean().item()
-        out[name, "backward_m2"] = t.grad.pow(2).mean().item()
-    for name, layer in net.weighted.items():
-        dw_m2 = _per_sample_weight_m2(layer, net.nodes[name].grad)
-        out[name, "gamma"] = dw_m2 / layer.w.detach().pow(2).mean().item()
-    for name, b in net.biases.items():
-        db = net.nodes[name].grad.flatten(2).sum(2) if net.nodes[name].dim() > 2 else net.nodes[name].grad
+        out[name, "forward_m2"] = (m2[name], 1.0)
+        out[name, "backward_m2"] = (t.grad.pow(2).mean().item(), 1.0)
+    for name, layer in net.weighted.items():  # E[ΔW²] / E[W²]
+        out[name, "gamma"] = (_per_sample_weight_m2(layer, net.nodes[name].grad),
+                              layer.w.detach().pow(2).mean().item())
+    for name, b in net.biases.items():  # E[Δb²] / E[y²], Δb = one sample's Δy summed over positions
+        dy = net.nodes[name].grad
+        db = dy.flatten(2).sum(2) if dy.dim() > 2 else dy
         assert torch.allclose(db.sum(0), b.grad)
-        out[name, "gamma_bias"] = db.pow(2).mean().item() / out[name, "forward_m2"]
-    for name, (inp, u) in net.scales.items():
+        out[name, "gamma_bias"] = (db.pow(2).mean().item(), m2[name])
+    for name, (inp, u) in net.scales.items():  # E[Δu²] / u²
         du = (inp.detach() * net.nodes[name].grad).flatten(1).sum(1)
         assert torch.allclose(du.sum(), u.grad)
-        out[name, "gamma"] = du.pow(2).mean().item() / u.item() ** 2
+        out[name, "gamma"] = (du.pow(2).mean().item(), u.item() ** 2)
     return out
 
 
 @functools.cache
 def measure(name: str) -> Measurement:
-    """Sample case ``name``: the mean and standard error of every quantity over its draws."""
+    """Sample case ``name``: every quantity and its standard error over the draws.
+
+    A ratio of expectations (γ, γ_bias) is estimated as the ratio of the draw means, not
+    the mean of per-draw ratios (which Jensen's inequality biases); its standard error is
+    the delta method's, i.e. the spread of numerator − ratio·denominator.
+    """
     _, case = ALL_CASES[name]
     net_spec = build(parse(case.spec, f"{name}.yaml"))
     m2 = {n.name: float(n.init.m2) for n in net_spec.nodes if n.init is not None}
@@ -288,9 +297,11 @@ def measure(name: str) -> Measurement:
             shapes = {n: "×".join(map(str, t.shape[1:])) for n, t in net.nodes.items()}
     finally:
         torch.set_num_threads(threads)
-    values = torch.tensor([[d[k] for k in draws[0]] for d in draws], dtype=F64)
-    mean, se = values.mean(0), values.std(0) / math.sqrt(case.draws)
-    return Measurement(dict(zip(draws[0], mean.tolist())), dict(zip(draws[0], se.tolist())), shapes)
+    keys = list(draws[0])
+    num, den = torch.tensor([[d[k] for k in keys] for d in draws], dtype=F64).unbind(2)
+    ratio = num.mean(0) / den.mean(0)
+    se = ((num - ratio * den) / den.mean(0)).std(0) / math.sqrt(case.draws)
+    return Measurement(dict(zip(keys, ratio.tolist())), dict(zip(keys, se.tolist())), shapes)
 
 
 # --- comparison ----------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""Where the calculus' assumptions hold: per node, which approximations its rule makes here.
+
+A rule is exact under assumptions about its inputs (paper §3 and the rule's docstring). Three
+of them can fail structurally, and each is checked on the graph alone:
+
+- **symmetric inputs.** ReLU halves E[x²] only for inputs symmetric about zero. Conv/linear
+  outputs are symmetric over the weight draw (zero-mean symmetric weights), and so are scaled,
+  dropped-out, pooled, added or concatenated symmetric signals, and tanh of one; a ReLU,
+  sigmoid, GELU, max or normalisation output is not.
+- **mean-free inputs.** Average pooling divides E[x²] by the window only if positions are
+  uncorrelated. After a ReLU each element has a mean; a conv turns it into a per-channel
+  offset shared by all positions, which pooling keeps in full. The same shared parts in both
+  the input and the gradient of a conv (a pooling below it) make γ approximate.
+- **uniform positions.** A window op averages E[x²] over its taps, which is exact only when
+  every input position has the same moment. Padding (border windows with fewer taps) makes
+  the output non-uniform, and so does uneven coverage of the input in the backward pass. The
+  size of the effect is estimated from per-axis position profiles of the moments, and a node
+  is flagged where it exceeds ``BORDER_TOLERANCE``.
+- **uncorrelated branches.** ``add`` and ``concat`` sum moments; two inputs that share a
+  source through no random weight are correlated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from scalecalc.graph import Network, Node
+
+NEEDS_SYMMETRIC = frozenset({"relu", "leaky_relu"})
+MAKES_ASYMMETRIC = frozenset({"relu", "leaky_relu", "sigmoid", "gelu", "maxpool", "batchnorm", "layernorm"})
+POOLS = frozenset({"avgpool", "global_avgpool"})
+ADDS_MEAN = frozenset({"relu", "leaky_relu", "sigmoid", "gelu", "maxpool"})
+MAKES_SYMMETRIC = frozenset({"conv", "linear"})
+WINDOWS = frozenset({"conv", "avgpool", "maxpool"})
+TO_VECTOR = frozenset({"global_avgpool", "flatten", "linear"})
+BORDER_TOLERANCE = 0.02
+Profile = tuple[tuple[float, ...], tuple[float, ...]]  # per-axis relative moments, mean 1
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Per node: the notes of every assumption that fails there (empty: all hold)."""
+
+    notes: Mapping[str, tuple[str, ...]]
+
+    def holds(self, name: str) -> bool:
+        return not self.notes.get(name)
+
+
+def check(net: Network) -> Checks:
+    symmetric: dict[str, bool] = {}
+    mean_free: dict[str, bool] = {}
+    notes: dict[str, list[str]] = {name: [] for name in net.order}
+    shared = _shared_randomness(net)
+    grad_free = _uncorrelated_gradients(net)
+    for node in net.nodes:
+        if not node.inputs:
+            symmetric[node.name] = mean_free[node.name] = True
+            continue
+        sym_in = all(symmetric[s] for s in node.inputs)
+        free_in = all(mean_free[s] for s in node.inputs)
+        if node.op in NEEDS_SYMMETRIC and not sym_in:
+            notes[node.name].append(f"{node.op}: input not symmetric about zero; approximate")
+        if node.op in POOLS and not free_in:
+            notes[node.name].append(f"{node.op}: input positions share a per-channel mean (ReLU above), "
+                                    "which pooling keeps; under-predicts")
+        if node.op == "conv" and not free_in and not grad_free[node.name]:
+            notes[node.name].append("conv: input and gradient both correlated across positions "
+                                    "(ReLU above, pooling below); γ approximate")
+        symmetric[node.name] = (node.op in MAKES_SYMMETRIC or (node.op not in MAKES_ASYMMETRIC and sym_in)
+                                or (node.op == "tanh" and sym_in))
+        mean_free[node.name] = (free_in and node.op not in ADDS_MEAN) or node.op in ("batchnorm", "layernorm")
+        correlated = _correlated(node, shared)
+        if correlated:
+            notes[node.name].append(f"{node.op}: inputs share randomness via {correlated} "
+                                    "(rule assumes uncorrelated)")
+    if not net.symbols:
+        for name, (fwd, bwd) in _border_errors(net).items():
+            for error, what in ((fwd, "input"), (bwd, "gradient")):
+                if abs(error - 1) > BORDER_TOLERANCE:
+                    notes[name].append(f"{net.node(name).op}: {what} moments differ across positions (border "
+                                       f"taps); the position average is off by ≈{100 * (error - 1):+.0f}%")
+    return Checks({k: tuple(v) for k, v in notes.items()})
+
+
+def _window_1d(profile: tuple[float, ...], k: int, s: int, p: int, size: int, out: int, backward: bool,
+               ) -> tuple[tuple[float, ...], float]:
+    """Push a per-axis moment profile through a window, forward (input → output) or backward.
+
+    Returns the new profile and the ratio of the exact position average to the rule's, which
+    counts taps as if every position carried the mean moment.
+    """
+    pairs = [(o, s * o - p + t) for o in range(out) for t in range(k) if 0 <= s * o - p + t < size]
+    result = [0.0] * (size if backward else out)
+    for o, i in pairs:
+        if backward:
+            result[i] += profile[o]
+        else:
+            result[o] += profile[i]
+    exact = sum(result)
+    return _normalise(result), exact / len(pairs)
+
+
+def _normalise(values: list[float]) -> tuple[float, ...]:
+    mean = sum(values) / len(values)
+    return tuple(v / mean for v in values) if mean else tuple(values)
+
+
+def _border_errors(net: Network) -> dict[str, tuple[float, float]]:
+    """Estimated ratio of exact to rule moments at each window op, forward and backward.
+
+    Moments are tracked as per-axis position profiles (mean 1); where several inputs or
+    consumers meet, their profiles are averaged with equal weight (an estimate, used only
+    to decide whether to flag a node).
+    """
+    def flat(node: Node) -> Profile:
+        return ((1.0,) * int(node.shape.h), (1.0,) * int(node.shape.w))
+
+    def through(node: Node, prof: Profile, backward: bool) -> tuple[Profile, float]:
+        a, x = node.attrs, node.in_shapes[0]
+        axes = [_window_1d(prof[d], int(a["kernel"][d]), int(a["stride"][d]), int(a["padding"][d]),
+                           int((x.h, x.w)[d]), int((node.shape.h, node.shape.w)[d]), backward) for d in (0, 1)]
+        return (axes[0][0], axes[1][0]), axes[0][1] * axes[1][1]
+
+    fwd: dict[str, Profile] = {}
+    errors: dict[str, list[float]] = {}
+    for node in net.nodes:
+        if not node.shape.spatial:
+            continue
+        ins = [fwd[s] for s in node.inputs if s in fwd]
+        if node.op in WINDOWS:
+            fwd[node.name], factor = through(node, ins[0] if ins else flat(net.node(node.inputs[0])), False)
+            errors[node.name] = [factor, 1.0]
+        else:
+            fwd[node.name] = _mix(ins) if ins else flat(node)
+    grads: dict[str, list[Profile]] = {}
+    for node in reversed(net.nodes[1:]):
+        if not node.shape.spatial:
+            continue
+        mine = grads.get(node.name)
+        prof = _mix(mine) if mine else flat(node)
+        if node.op in WINDOWS:
+            sent, factor = through(node, prof, True)
+            errors[node.name][1] = factor
+        else:
+            sent = prof
+        for src in node.inputs:
+            if net.node(src).shape.spatial:
+                grads.setdefault(src, []).append(sent)
+    return {name: (f, b) for name, (f, b) in errors.items()}
+
+
+def _mix(profiles: list[Profile]) -> Profile:
+    if len(profiles) == 1:
+        return profiles[0]
+    return tuple(_normalise([sum(p[d][i] for p in profiles) for i in range(len(profiles[0][d]))])
+                 for d in (0, 1))  # type: ignore[return-value]
+
+
+def _uncorrelated_gradients(net: Network) -> dict[str, bool]:
+    """Per node: whether the gradient at its output is uncorrelated across positions.
+
+    Average pooling hands one gradient to every position of a window (global pooling to all
+    of them); convs, activations and scalars carry such a shared part further up.
+    """
+    flags = {name: True for name in net.order}
+    for node in reversed(net.nodes[1:]):
+        sent = flags[node.name] and node.op not in POOLS
+        for src in node.inputs:
+            flags[src] = flags[src] and sent
+    return flags
+
+
+def _shared_randomness(net: Network) -> dict[str, frozenset[str]]:
+    """For each node, the nodes whose randomness reaches it through no random weight.
+
+    A conv/linear output is uncorrelated with its input (its weights are zero-mean and
+    independent), so it starts a fresh set; other ops pass their inputs' sets on.
+    """
+    sets: dict[str, frozenset[str]] = {}
+    for node in net.nodes:
+        if node.weighted or not node.inputs:
+            sets[node.name] = frozenset({node.name})
+        else:
+            sets[node.name] = frozenset({node.name}).union(*(sets[s] for s in node.inputs))
+    return sets
+
+
+def _correlated(node: Node, shared: Mapping[str, frozenset[str]]) -> str:
+    if len(node.inputs) < 2:
+        return ""
+    seen: set[str] = set()
+    for src in node.inputs:
+        common = seen & shared[src]
+        if common:
+            return sorted(common)[0]
+        seen |= shared[src]
+    return ""
