@@ -199,8 +199,6 @@ def _accept_sympy_numbers() -> None:
 
 def _worker_main(job: dict[str, Any]) -> None:
     """Time load → build → propagate → JSON → table for one spec, in this process."""
-    import io
-
     t0 = time.perf_counter()
     from scalecalc import report
     from scalecalc.errors import ScalecalcError
@@ -239,15 +237,27 @@ def _worker_main(job: dict[str, Any]) -> None:
     json.dumps(report.to_dict(analysis), indent=2)
     out["json"] = time.perf_counter() - t
     if job.get("table", True):
+        console = _piped_console(report)
         t = time.perf_counter()
-        # as the CLI does when its output is not a terminal (80 columns)
-        report.print_analysis(analysis, report.Console(file=io.StringIO(), width=80))
+        report.print_analysis(analysis, console)
         out["table"] = time.perf_counter() - t
     out["nodes"] = len(net.order)
     out["torch"] = "torch" in sys.modules
     if profiler:
         out["profile"] = _profile_rows(profiler, 15)
     print(json.dumps(out))
+
+
+def _piped_console(report: Any) -> Any:
+    """The console the CLI prints tables to when stdout is not a terminal, into a buffer."""
+    import io
+
+    from scalecalc import cli
+
+    make = getattr(cli, "_console", None)
+    console = make() if make is not None else report.Console(width=80)
+    console.file = io.StringIO()
+    return console
 
 
 def _profile_rows(profiler: Any, top: int) -> list[list[str]]:
@@ -444,7 +454,7 @@ def section_scaling(sizes: Sequence[int], repeat: int, cli_repeat: int) -> str:
             *[f"- **{k}**: {v}" for k, v in FAMILIES.items()],
             "",
             f"In-process phases are the median of {repeat} fresh worker processes (imports excluded); "
-            "`table` renders the rich table into an 80-column buffer as the CLI does when piped. "
+            "`table` renders the rich table into a buffer at the width the CLI uses when piped. "
             f"CLI columns are the median wall time of {cli_repeat} fresh `scalecalc analyze` runs "
             "(start-up and imports included), output discarded. µs/node is in-process "
             "load+build+propagate divided by nodes.\n"]

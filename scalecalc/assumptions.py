@@ -34,15 +34,20 @@ ADDS_MEAN = frozenset({"relu", "leaky_relu", "sigmoid", "gelu", "maxpool"})
 MAKES_SYMMETRIC = frozenset({"conv", "linear"})
 WINDOWS = frozenset({"conv", "avgpool", "maxpool"})
 TO_VECTOR = frozenset({"global_avgpool", "flatten", "linear"})
-BORDER_TOLERANCE = 0.02
+BORDER_TOLERANCE = 0.03  # the accuracy asked of exact rules
 Profile = tuple[tuple[float, ...], tuple[float, ...]]  # per-axis relative moments, mean 1
 
 
 @dataclass(frozen=True)
 class Checks:
-    """Per node: the notes of every assumption that fails there (empty: all hold)."""
+    """Per node: the notes of every assumption that fails there (empty: all hold), and
+    whether its predictions rest only on exact rules whose assumptions hold: its forward
+    moment (every node above it), its backward moment (every node below it) and its γ."""
 
     notes: Mapping[str, tuple[str, ...]]
+    forward_ok: Mapping[str, bool]
+    backward_ok: Mapping[str, bool]
+    gamma_ok: Mapping[str, bool]
 
     def holds(self, name: str) -> bool:
         return not self.notes.get(name)
@@ -52,6 +57,7 @@ def check(net: Network) -> Checks:
     symmetric: dict[str, bool] = {}
     mean_free: dict[str, bool] = {}
     notes: dict[str, list[str]] = {name: [] for name in net.order}
+    bad: dict[str, set[str]] = {"forward": set(), "backward": set(), "gamma": set()}
     shared = _shared_randomness(net)
     grad_free = _uncorrelated_gradients(net)
     for node in net.nodes:
@@ -62,12 +68,16 @@ def check(net: Network) -> Checks:
         free_in = all(mean_free[s] for s in node.inputs)
         if node.op in NEEDS_SYMMETRIC and not sym_in:
             notes[node.name].append(f"{node.op}: input not symmetric about zero; approximate")
+            bad["forward"].add(node.name)
+            bad["backward"].add(node.name)
         if node.op in POOLS and not free_in:
             notes[node.name].append(f"{node.op}: input positions share a per-channel mean (ReLU above), "
                                     "which pooling keeps; under-predicts")
+            bad["forward"].add(node.name)
         if node.op == "conv" and not free_in and not grad_free[node.name]:
             notes[node.name].append("conv: input and gradient both correlated across positions "
                                     "(ReLU above, pooling below); γ approximate")
+            bad["gamma"].add(node.name)
         symmetric[node.name] = (node.op in MAKES_SYMMETRIC or (node.op not in MAKES_ASYMMETRIC and sym_in)
                                 or (node.op == "tanh" and sym_in))
         mean_free[node.name] = (free_in and node.op not in ADDS_MEAN) or node.op in ("batchnorm", "layernorm")
@@ -75,13 +85,34 @@ def check(net: Network) -> Checks:
         if correlated:
             notes[node.name].append(f"{node.op}: inputs share randomness via {correlated} "
                                     "(rule assumes uncorrelated)")
+            bad["forward"].add(node.name)
+            bad["backward"].add(node.name)
     if not net.symbols:
         for name, (fwd, bwd) in _border_errors(net).items():
             for error, what in ((fwd, "input"), (bwd, "gradient")):
                 if abs(error - 1) > BORDER_TOLERANCE:
                     notes[name].append(f"{net.node(name).op}: {what} moments differ across positions (border "
                                        f"taps); the position average is off by ≈{100 * (error - 1):+.0f}%")
-    return Checks({k: tuple(v) for k, v in notes.items()})
+                    bad["forward" if what == "input" else "backward"].add(name)
+    return _chain(net, {k: tuple(v) for k, v in notes.items()}, bad)
+
+
+def _chain(net: Network, notes: Mapping[str, tuple[str, ...]], bad: Mapping[str, set[str]]) -> Checks:
+    """Trust a prediction only if every rule it is computed from is exact where it is used."""
+    from scalecalc.rules import RULES
+
+    approx = {n.name for n in net.nodes[1:] if not RULES[n.op].exact}
+    fwd: dict[str, bool] = {}
+    for node in net.nodes:
+        fwd[node.name] = node.name not in approx | bad["forward"] and all(fwd[s] for s in node.inputs)
+    bwd = {name: True for name in net.order}
+    for node in reversed(net.nodes[1:]):
+        sends = bwd[node.name] and node.name not in approx | bad["backward"]
+        for src in node.inputs:
+            bwd[src] = bwd[src] and sends
+    gamma = {n.name: bool(n.inputs) and fwd[n.inputs[0]] and bwd[n.name] and n.name not in bad["gamma"]
+             for n in net.nodes}
+    return Checks(notes, fwd, bwd, gamma)
 
 
 def _window_1d(profile: tuple[float, ...], k: int, s: int, p: int, size: int, out: int, backward: bool,

@@ -154,6 +154,54 @@ def emit(
         _fail(ScalecalcError(f"cannot write {output}: {err.strerror}"))
 
 
+@app.command()
+def verify(
+    spec: Annotated[str, typer.Argument(help="The network spec (YAML).")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch: Annotated[int, typer.Option(help="Samples per draw.")] = 16,
+    draws: Annotated[int, typer.Option(help="Independent weight draws.")] = 20,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    tol: Annotated[float, typer.Option(help="Relative tolerance of a prediction.")] = 0.05,
+    no_correct: Annotated[bool, typer.Option("--no-correct", help="Verify the spec as written.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="List every check, not just the main ones.")] = False,
+    set_: SetOpt = None,
+    output_std: OutStd = DEFAULT_STD,
+) -> None:
+    """Measure the emitted model over weight draws; exit 0 if every exact prediction holds, 1 if not."""
+    from scalecalc import report
+    from scalecalc.codegen import emit_torch
+    from scalecalc.graph import build
+    from scalecalc.propagate import propagate
+    from scalecalc.spec import load
+    from scalecalc.verify import verify as run
+
+    try:
+        parsed = load(spec)
+        net = build(parsed, _overrides(set_))
+        if no_correct:
+            source = emit_torch(parsed, net, digest="0")
+        else:
+            from scalecalc.corrections import correct
+
+            fixed = correct(net, output_std)
+            net = fixed.network
+            source = emit_torch(parsed, net, digest="0", inserted=fixed.inserted)
+        analysis = propagate(net)
+        err_console = report.Console(stderr=True)
+        with report.progress(draws, err_console) as bar:
+            task = bar.add_task("draws", total=draws)
+            result = run(net, analysis, source, draws=draws, batch=batch, seed=seed, tol=tol, device=device,
+                         on_draw=lambda done: bar.update(task, completed=done))
+    except ScalecalcError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(report.verification_dict(result), indent=2, ensure_ascii=False))
+    else:
+        _console().print(report.verification_table(result, show_all))
+    raise typer.Exit(0 if result.passed else 1)
+
+
 def main() -> None:
     try:
         app()

@@ -16,6 +16,7 @@ from scalecalc.propagate import Analysis, NodeResult
 
 if TYPE_CHECKING:
     from scalecalc.corrections import Correction
+    from scalecalc.verify import Verification
 
 SCHEMA = 1
 NODE_FIELDS = ("forward_m2", "backward_m2", "varsigma", "weight_m2", "gamma", "gamma_bias")
@@ -150,3 +151,56 @@ def render_text(analysis: Analysis, width: int = 160) -> str:
     console = Console(width=width, record=True, color_system=None, file=io.StringIO())
     print_analysis(analysis, console)
     return "\n".join(line.rstrip() for line in console.export_text().splitlines()) + "\n"
+
+
+def verification_dict(v: Verification) -> dict[str, Any]:
+    z = v.z
+    return {
+        "schema": SCHEMA, "name": v.name, "passed": v.passed, "device": v.device, "draws": v.draws,
+        "batch": v.batch, "seed": v.seed, "tol": v.tol, "z": z, "seconds": v.seconds,
+        "checks": [{"node": c.node, "op": c.op, "quantity": c.quantity, "predicted": c.predicted,
+                    "measured": c.measured, "se": c.se, "error": c.error, "trusted": c.trusted,
+                    "failed": c.failed(v.tol, z)} for c in v.checks],
+    }
+
+
+def verification_table(v: Verification, show_all: bool = False) -> Group:
+    """Predicted vs measured; failing rows in red, approximate ones (not judged) dimmed."""
+    z = v.z
+    t = Table(title=f"{v.name}: {v.draws} draws × batch {v.batch} on {v.device}", box=box.SIMPLE_HEAD,
+              title_justify="left")
+    for col in ("node", "quantity", "predicted", "measured", "± se", "ratio", "status"):
+        t.add_column(Text(col), justify="left" if col in ("node", "quantity", "status") else "right", no_wrap=True)
+    for c in v.checks:
+        failed = c.failed(v.tol, z)
+        if not (show_all or failed or not c.trusted or c.quantity in ("gamma", "forward_m2")):
+            continue
+        status, style = ("FAIL", "bold red") if failed else ("ok", None) if c.trusted else ("approx", "dim")
+        t.add_row(*map(Text, (c.node, c.quantity, fmt(c.predicted), fmt(c.measured), fmt(c.se),
+                              f"{c.measured / c.predicted:.3f}", status)), style=style)
+    trusted = [c for c in v.checks if c.trusted]
+    untrusted = [c for c in v.checks if not c.trusted]
+    lines = Text()
+    worst = max(trusted, key=lambda c: abs(c.error), default=None)
+    if worst is not None:
+        lines.append(f"checked {len(trusted)} predictions from exact rules: worst {worst.node} {worst.quantity} "
+                     f"{100 * worst.error:+.1f}% (tolerance {100 * v.tol:g}% and {z:.1f} standard errors)\n")
+    if untrusted:
+        far = max(untrusted, key=lambda c: abs(c.error))
+        lines.append(f"{len(untrusted)} predictions rest on approximate rules (not judged): worst {far.node} "
+                     f"{far.quantity} ×{far.measured / far.predicted:.3g}\n", style="dim")
+    if v.passed:
+        lines.append("PASS", style="bold green")
+    else:
+        names = ", ".join(sorted({c.node for c in v.failures}))
+        lines.append(f"FAIL at {names}", style="bold red")
+    lines.append(f" ({v.seconds:.1f} s)\n")
+    return Group(t, lines)
+
+
+def progress(total: int, console: Console) -> Any:
+    """A progress bar over weight draws, on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)

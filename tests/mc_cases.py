@@ -147,7 +147,7 @@ layers:
   - {name: cat, op: concat, from: [ca, cb]}
   - {name: relu, op: relu}
   - {name: conv, op: conv, out: 128, kernel: 2, stride: 2}
-""", batch=32, draws=128, seed=11),
+""", batch=32, draws=160, seed=11),
     # stride ≠ kernel with padding (torch counts the padding in the divisor); 1×1 convs
     # around it keep every other rule exact although the pool output is not
     # position-uniform. conv1 has no bias: see KNOWN_ISSUES.

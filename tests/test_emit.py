@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from scalecalc.graph import build  # noqa: E402
 from scalecalc.propagate import propagate  # noqa: E402
 from scalecalc.rules import RULES  # noqa: E402
 from scalecalc.spec import load, parse  # noqa: E402
+from scalecalc.verify import load_module, sample  # noqa: E402
 from tests.conftest import ROOT, SPECS  # noqa: E402
-from tests.measure import load_module, sample  # noqa: E402
 
 CLI = [sys.executable, "-c", "from scalecalc.cli import main; main()"]
 SMALL = {"resnet50_preact": ["--set", "w=8", "--set", "size=32"]}
@@ -52,7 +53,7 @@ def test_emitted_file_is_valid(spec, flag: str, tmp_path) -> None:  # type: igno
     assert lint.returncode == 0, lint.stdout
     assert "scalecalc" not in {line.split()[1] for line in source.splitlines()
                                if line.startswith(("import ", "from "))}
-    module = load_module(source, path)
+    module = load_module(source, tmp_path, path.stem)
     model = module.Model()
     x = torch.randn(2, *module.INPUT_SHAPE, requires_grad=True)
     y = model(x)
@@ -92,7 +93,7 @@ layers:
 """
     spec = tmp_path / "own.yaml"
     spec.write_text(text)
-    module = load_module(emit(spec, "--no-correct"), tmp_path / "own_init.py")
+    module = load_module(emit(spec, "--no-correct"), tmp_path, "own_init")
     model = module.Model().double()
     # fan_in: gain/n_in with gain 2; Xavier: 2·gain/(n_in + n_out) with gain 1; geometric: c/√(n_in·n_out)
     expected = {"fc1": 2 / 200, "fc2": 2 / (300 + 100), "fc3": 0.5 / math.sqrt(100 * 50)}
@@ -138,16 +139,17 @@ def corrected_sample(name: str, tmp: str):  # type: ignore[no-untyped-def]
     spec = ROOT / "specs" / f"{name}.yaml"
     fixed = correct(build(load(spec)))
     assert propagate(fixed.network).summary.gamma_spread == pytest.approx(1, abs=0.02)
-    module = load_module(emit(spec), Path(tmp) / f"corrected_{name}.py")
+    module = load_module(emit(spec), Path(tmp), f"corrected_{name}")
     weighted = [n.name for n in fixed.network.nodes if n.weighted]
     stats = sample(module, [fixed.network.output], weighted, draws=24, batch=8)
-    return fixed.network.output, weighted, stats
+    return fixed.network.output, weighted, {n: {k: statistics.fmean(v) for k, v in row.items()}
+                                            for n, row in stats.items()}
 
 
 @pytest.mark.parametrize("name", ["lenet_strided", "alexnet_strided"])
 def test_corrected_model_has_equal_measured_gamma(name: str, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
     _, weighted, stats = corrected_sample(name, str(tmp_path_factory.getbasetemp()))
-    ratios = [stats[n]["ratio"].mean for n in weighted]
+    ratios = [stats[n]["gamma"] for n in weighted]
     assert max(ratios) / min(ratios) < 1.10, dict(zip(weighted, ratios))
 
 
@@ -159,8 +161,8 @@ BORDER_DRIFT = pytest.mark.xfail(strict=True, reason=(
 @pytest.mark.parametrize("name", ["lenet_strided", pytest.param("alexnet_strided", marks=BORDER_DRIFT)])
 def test_corrected_model_output_std(name: str, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
     output, _, stats = corrected_sample(name, str(tmp_path_factory.getbasetemp()))
-    out = stats[output]["forward"]
-    assert abs(math.sqrt(out.mean) / 0.05 - 1) < 0.10, out
+    out = stats[output]["forward_m2"]
+    assert abs(math.sqrt(out) / 0.05 - 1) < 0.10, out
 
 
 def test_corrected_analysis_is_preconditioned_on_specs_that_keep_scaling() -> None:

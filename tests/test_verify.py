@@ -1,0 +1,88 @@
+"""`scalecalc verify`: a verdict from sampling the emitted model, able to fail."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from scalecalc import rules  # noqa: E402
+from scalecalc.codegen import emit_torch  # noqa: E402
+from scalecalc.corrections import correct  # noqa: E402
+from scalecalc.graph import build  # noqa: E402
+from scalecalc.propagate import propagate  # noqa: E402
+from scalecalc.spec import load  # noqa: E402
+from scalecalc.verify import threshold, verify  # noqa: E402
+from tests.conftest import ROOT, SPECS  # noqa: E402
+
+CLI = [sys.executable, "-c", "from scalecalc.cli import main; main()"]
+SMALL = {"resnet50_preact": {"w": 8, "size": 32}, "vgg11": {"w": 16}, "alexnet_strided": {"w": 32, "fc": 256}}
+
+
+def run_verify(name: str, draws: int = 20, batch: int = 8, **kw):  # type: ignore[no-untyped-def]
+    spec = load(ROOT / "specs" / f"{name}.yaml")
+    fixed = correct(build(spec, SMALL.get(name)))
+    source = emit_torch(spec, fixed.network, digest="0", inserted=fixed.inserted)
+    return verify(fixed.network, propagate(fixed.network), source, draws=draws, batch=batch, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("name", [p.stem for p in SPECS])
+def test_verify_passes_on_every_spec(name: str) -> None:
+    result = run_verify(name)
+    assert result.passed, [(c.node, c.quantity, c.error, c.se) for c in result.failures]
+    trusted = [c for c in result.checks if c.trusted]
+    assert trusted, "nothing was checked"
+    # E[W²] of every weighted layer is drawn as analysed (within 5 standard errors)
+    for c in result.checks:
+        if c.quantity == "weight_m2":
+            assert abs(c.measured - c.predicted) < 5 * c.se + 1e-3 * c.predicted, c
+
+
+def test_planted_wrong_rule_fails_and_names_the_nodes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    relu = rules.RULES["relu"]
+    wrong = rules.Rule("relu", lambda node, xs: 0.6 * xs[0], relu.backward, True, relu.keeps_scaling, "planted")
+    monkeypatch.setitem(rules.RULES, "relu", wrong)
+    result = run_verify("libsvm_mlp")
+    assert not result.passed
+    failing = {c.node for c in result.failures}
+    assert "relu1" in failing and all(c.quantity == "forward_m2" for c in result.failures)
+
+
+def test_cli_exit_codes_and_json() -> None:
+    out = subprocess.run([*CLI, "verify", str(ROOT / "specs" / "libsvm_mlp.yaml"), "--json", "--draws", "8",
+                          "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["passed"] is True and doc["draws"] == 8 and doc["device"] == "cpu"
+    assert {c["quantity"] for c in doc["checks"]} == {"forward_m2", "backward_m2", "weight_m2", "gamma"}
+    bad = subprocess.run([*CLI, "verify", str(ROOT / "specs" / "libsvm_mlp.yaml"), "--draws", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "draws" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_device_is_bad_input() -> None:
+    out = subprocess.run([*CLI, "verify", str(ROOT / "specs" / "libsvm_mlp.yaml"), "--device", "cuda"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 2 and "no CUDA device" in out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_verify_on_gpu() -> None:
+    spec = load(ROOT / "specs" / "lenet_strided.yaml")
+    fixed = correct(build(spec))
+    source = emit_torch(spec, fixed.network, digest="0", inserted=fixed.inserted)
+    result = verify(fixed.network, propagate(fixed.network), source, draws=20, batch=16, device="cuda")
+    assert result.device == "cuda" and result.passed
+
+
+def test_threshold_grows_with_checks_and_shrinks_with_draws() -> None:
+    assert threshold(10, 1000) == pytest.approx(3.29, abs=0.05)  # 1% over 10 two-sided checks, normal limit
+    assert threshold(100, 20) > threshold(10, 20) > threshold(10, 200)
+    assert not math.isnan(threshold(1, 2))
