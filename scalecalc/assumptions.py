@@ -53,7 +53,9 @@ class Checks:
         return not self.notes.get(name)
 
 
-def check(net: Network) -> Checks:
+def check(net: Network, calculus: str = "exact") -> Checks:
+    """The assumptions that fail at each node. The exact calculus tracks means and shared
+    offsets itself, so there only border effects and correlated branches remain."""
     symmetric: dict[str, bool] = {}
     mean_free: dict[str, bool] = {}
     notes: dict[str, list[str]] = {name: [] for name in net.order}
@@ -66,6 +68,8 @@ def check(net: Network) -> Checks:
             continue
         sym_in = all(symmetric[s] for s in node.inputs)
         free_in = all(mean_free[s] for s in node.inputs)
+        if calculus == "exact":
+            sym_in = free_in = grad_free[node.name] = True
         if node.op in NEEDS_SYMMETRIC and not sym_in:
             notes[node.name].append(f"{node.op}: input not symmetric about zero; approximate")
             bad["forward"].add(node.name)
@@ -94,14 +98,19 @@ def check(net: Network) -> Checks:
                     notes[name].append(f"{net.node(name).op}: {what} moments differ across positions (border "
                                        f"taps); the position average is off by ≈{100 * (error - 1):+.0f}%")
                     bad["forward" if what == "input" else "backward"].add(name)
-    return _chain(net, {k: tuple(v) for k, v in notes.items()}, bad)
+    return _chain(net, {k: tuple(v) for k, v in notes.items()}, bad, calculus)
 
 
-def _chain(net: Network, notes: Mapping[str, tuple[str, ...]], bad: Mapping[str, set[str]]) -> Checks:
+def _chain(net: Network, notes: Mapping[str, tuple[str, ...]], bad: Mapping[str, set[str]],
+           calculus: str) -> Checks:
     """Trust a prediction only if every rule it is computed from is exact where it is used."""
+    from scalecalc.exact import EXACT
     from scalecalc.rules import RULES
 
-    approx = {n.name for n in net.nodes[1:] if not RULES[n.op].exact}
+    if calculus == "exact":
+        approx = {n.name for n in net.nodes[1:] if EXACT[n.op].note}
+    else:
+        approx = {n.name for n in net.nodes[1:] if not RULES[n.op].exact}
     fwd: dict[str, bool] = {}
     for node in net.nodes:
         fwd[node.name] = node.name not in approx | bad["forward"] and all(fwd[s] for s in node.inputs)

@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a parameter: k=v.")]
 SymOpt = Annotated[list[str] | None, typer.Option("--symbolic", help="Keep a parameter symbolic.")]
 OutStd = Annotated[float, typer.Option("--output-std", help="Target output standard deviation (§7).")]
+CalcOpt = Annotated[str, typer.Option(help="exact (tracks means and shared offsets) or paper (as published).")]
 DEFAULT_STD = 0.05
 
 
@@ -68,6 +69,7 @@ def analyze(
         bool, typer.Option(help="Compare γ spread and output under each scheme.")] = False,
     correct: Annotated[bool, typer.Option("--correct", help="Analyse the corrected network emit writes.")] = False,
     output_std: OutStd = DEFAULT_STD,
+    calculus: CalcOpt = "exact",
 ) -> None:
     """Forward/backward second moments, ς, γ and γ_bias for every layer of SPEC."""
     from scalecalc.graph import build
@@ -80,22 +82,22 @@ def analyze(
         parsed = load(spec)
         overrides, symbols = _overrides(set_), tuple(symbolic or ())
         if compare_inits:
-            rows = [(s, propagate(build(parsed, overrides, symbols, s))) for s in SCHEMES]
+            rows = [(s, propagate(build(parsed, overrides, symbols, s), calculus)) for s in SCHEMES]
         else:
             net = build(parsed, overrides, symbols, init)
             if correct:
                 from scalecalc.corrections import correct as solve
 
-                fixed = solve(net, output_std)
+                fixed = solve(net, output_std, calculus)
                 net, corrections = fixed.network, fixed.corrections
-            analysis = propagate(net)
+            analysis = propagate(net, calculus)
     except ScalecalcError as err:
         _fail(err)
     from scalecalc import report
 
     if compare_inits:
         if as_json:
-            typer.echo(json.dumps({"schema": report.SCHEMA, "name": parsed.name, "schemes": {
+            typer.echo(json.dumps({"schema": report.SCHEMA, "name": parsed.name, "calculus": calculus, "schemes": {
                 s: report.to_dict(a)["summary"] for s, a in rows}}, indent=2))
         else:
             _console().print(report.compare_table(parsed.name, rows))
@@ -120,6 +122,7 @@ def emit(
     no_correct: Annotated[bool, typer.Option("--no-correct", help="Emit the spec exactly as written.")] = False,
     set_: SetOpt = None,
     output_std: OutStd = DEFAULT_STD,
+    calculus: CalcOpt = "exact",
 ) -> None:
     """Write a standalone PyTorch module of SPEC, corrected by the calculus unless --no-correct."""
     import hashlib
@@ -140,7 +143,7 @@ def emit(
         else:
             from scalecalc.corrections import correct
 
-            fixed = correct(net, output_std)
+            fixed = correct(net, output_std, calculus)
             comments = {c.node: c.reason for c in fixed.corrections}
             source = emit_torch(parsed, fixed.network, digest=digest, comments=comments,
                                 inserted=fixed.inserted)
@@ -167,6 +170,7 @@ def verify(
     show_all: Annotated[bool, typer.Option("--all", help="List every check, not just the main ones.")] = False,
     set_: SetOpt = None,
     output_std: OutStd = DEFAULT_STD,
+    calculus: CalcOpt = "exact",
 ) -> None:
     """Measure the emitted model over weight draws; exit 0 if every exact prediction holds, 1 if not."""
     from scalecalc import report
@@ -184,10 +188,10 @@ def verify(
         else:
             from scalecalc.corrections import correct
 
-            fixed = correct(net, output_std)
+            fixed = correct(net, output_std, calculus)
             net = fixed.network
             source = emit_torch(parsed, net, digest="0", inserted=fixed.inserted)
-        analysis = propagate(net)
+        analysis = propagate(net, calculus)
         err_console = report.Console(stderr=True)
         with report.progress(draws, err_console) as bar:
             task = bar.add_task("draws", total=draws)

@@ -46,7 +46,9 @@ def ident(name: str) -> str:
 
 
 def _num(value: object) -> str:
-    number = float(value)  # type: ignore[arg-type]
+    """A number as Python source: 12 significant digits, far below any effect the calculus sees,
+    so the text does not depend on the last bits of an iterative solve."""
+    number = float(f"{float(value):.12g}")  # type: ignore[arg-type]
     return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
 
 

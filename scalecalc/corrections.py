@@ -30,6 +30,7 @@ import networkx as nx
 
 from scalecalc import expr
 from scalecalc.errors import ScalecalcError
+from scalecalc.exact import EXACT, State
 from scalecalc.graph import Network, Node
 from scalecalc.init import Init, weight_m2
 from scalecalc.propagate import Analysis, propagate
@@ -68,8 +69,8 @@ class _Plan:
     bias: dict[str, float]  # standalone bias node → multiplier on its input
 
 
-def correct(net: Network, output_std: float = DEFAULT_OUTPUT_STD) -> Corrected:
-    """Solve the four conditions and return the corrected network with its corrections."""
+def correct(net: Network, output_std: float = DEFAULT_OUTPUT_STD, calculus: str = "exact") -> Corrected:
+    """Solve the four conditions under ``calculus`` and return the corrected network."""
     if net.symbols:
         raise ScalecalcError("corrections need numbers; drop --symbolic " + " ".join(net.symbols))
     if not output_std > 0:
@@ -86,8 +87,8 @@ def correct(net: Network, output_std: float = DEFAULT_OUTPUT_STD) -> Corrected:
     )
     ref = weighted[0].name
     for sweep in range(1, MAX_SWEEPS + 1):  # noqa: B007 (reported after the loop)
-        change = _forward_sweep(net, plan, output_std)
-        a = propagate(apply(net, plan)[0])
+        change = _forward_sweep(net, plan, output_std, calculus)
+        a = propagate(apply(net, plan)[0], calculus)
         change = max(change, _balance(plan, a, ref))
         if change < TOLERANCE:
             break
@@ -112,27 +113,31 @@ def _move(old: float, new: float, change: list[float]) -> float:
     return new
 
 
-def _forward_sweep(net: Network, plan: _Plan, output_std: float) -> float:
+def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str) -> float:
     """Set the forward conditions (2–4) in graph order, each from the moments above it."""
     fixed, origin = apply(net, plan)
     change: list[float] = [0.0]
-    fwd = {"input": net.input_m2}
+    states = {"input": State(net.input_m2, 0)}
     for node in fixed.nodes[1:]:
-        xs = [fwd[s] for s in node.inputs]
+        ins = [states[s] for s in node.inputs]
+        xs = [float(x.m) for x in ins]
         kind, target, index = origin.get(node.name, ("", "", 0))
         if kind == "pre":
             value = 1 / math.sqrt(xs[0] * math.sqrt(_k_eff(net.node(target))))
             plan.pre[target] = _move(plan.pre[target], value, change)
         elif kind == "branch":
-            value = math.sqrt(fwd[fixed.node(target).inputs[0]] / xs[0])
+            value = math.sqrt(states[fixed.node(target).inputs[0]].m / xs[0])
             plan.branch[(target, index)] = _move(plan.branch[(target, index)], value, change)
         elif kind == "out":
             value = output_std / math.sqrt(xs[0])
             plan.out = _move(plan.out, value, change)
-        else:
-            fwd[node.name] = RULES[node.op].forward(node, xs)
+        elif calculus == "exact":
+            states[node.name] = EXACT[node.op].forward(node, ins)
             continue
-        fwd[node.name] = value**2 * xs[0]
+        else:
+            states[node.name] = State(RULES[node.op].forward(node, xs), 0)
+            continue
+        states[node.name] = State(value**2 * ins[0].m, value**2 * ins[0].k)
     return max(change)
 
 

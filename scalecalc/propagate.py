@@ -2,6 +2,8 @@
 
 Forward in graph order from E[x₀²]; backward in reverse order from E[Δy²] at the output,
 where a node read by several layers receives the sum of their (uncorrelated) gradients.
+Two calculi: ``paper`` (the rule registry, uncentred moments as published) and ``exact``
+(``exact.py``: the same moments plus the covariance that positions of a channel share).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any
 from scalecalc import expr
 from scalecalc.assumptions import Checks, check
 from scalecalc.errors import ScalecalcError
+from scalecalc.exact import EXACT, State, bias_grad_m2, weight_grad_m2
 from scalecalc.graph import Network, Node
-from scalecalc.rules import RULES
+from scalecalc.rules import RULES, Rule
 
 M = Any
 
@@ -56,11 +59,15 @@ class Summary:
     exact: bool
 
 
+CALCULI = ("exact", "paper")
+
+
 @dataclass(frozen=True)
 class Analysis:
     network: Network
     nodes: tuple[NodeResult, ...]
     summary: Summary
+    calculus: str = "exact"
 
     @property
     def symbolic(self) -> bool:
@@ -70,36 +77,66 @@ class Analysis:
         return next(n for n in self.nodes if n.name == name)
 
 
-def propagate(net: Network) -> Analysis:
-    """Analyse ``net``: per-node moments, ς, γ, γ_bias and a summary."""
+def propagate(net: Network, calculus: str = "exact") -> Analysis:
+    """Analyse ``net``: per-node moments, ς, γ and γ_bias and a summary."""
+    if calculus not in CALCULI:
+        raise ScalecalcError(f"unknown calculus {calculus!r}; known: {', '.join(CALCULI)}")
     tidy = _simplifier(net)
-    fwd: dict[str, M] = {"input": net.input_m2}
+    exact = calculus == "exact"
+    forward = {op: r.forward for op, r in EXACT.items()} if exact else {op: _lift(r) for op, r in RULES.items()}
+    backward = {op: r.backward for op, r in EXACT.items()} if exact else {op: _lift_back(r) for op, r in RULES.items()}
+    fwd: dict[str, State] = {"input": State(net.input_m2, 0)}
     for node in net.nodes[1:]:
-        fwd[node.name] = _finite(tidy(RULES[node.op].forward(node, [fwd[s] for s in node.inputs])), node, "E[x²]")
-    bwd: dict[str, M] = {name: 0 for name in net.order}
-    bwd[net.output] = net.grad_m2
-    sent: dict[str, tuple[M, ...]] = {}
+        out = forward[node.op](node, [fwd[s] for s in node.inputs])
+        fwd[node.name] = State(_finite(tidy(out.m), node, "E[x²]"), tidy(out.k))
+    bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
+    bwd[net.output] = State(net.grad_m2, 0)
+    sent: dict[str, tuple[State, ...]] = {}
     for node in reversed(net.nodes[1:]):
-        bwd[node.name] = _finite(tidy(bwd[node.name]), node, "E[Δx²]")
-        sent[node.name] = tuple(RULES[node.op].backward(node, [fwd[s] for s in node.inputs],
-                                                        bwd[node.name]))
+        g = bwd[node.name]
+        bwd[node.name] = g = State(_finite(tidy(g.m), node, "E[Δx²]"), tidy(g.k))
+        sent[node.name] = tuple(backward[node.op](node, [fwd[s] for s in node.inputs], g))
         for src, grad in zip(node.inputs, sent[node.name]):
-            bwd[src] = bwd[src] + grad
-    bwd["input"] = tidy(bwd["input"])
-    checks = check(net)
+            bwd[src] = State(bwd[src].m + grad.m, bwd[src].k + grad.k)
+    bwd["input"] = State(tidy(bwd["input"].m), tidy(bwd["input"].k))
+    checks = check(net, calculus)
     results, changes = [], []
     for node in net.nodes:
-        result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy)
+        result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy, exact,
+                                      _masks(net, bwd) if exact else {})
         results.append(result)
         if change:
             changes.append(change)
-    return Analysis(net, tuple(results), _summary(results, changes, fwd[net.output], tidy))
+    summary = _summary(results, changes, fwd[net.output].m, tidy)
+    return Analysis(net, tuple(results), summary, calculus)
 
 
-def _node_result(node: Node, fwd: Mapping[str, M], bwd: Mapping[str, M], sent: tuple[M, ...],
-                 checks: Checks, tidy: Any
+def _masks(net: Network, bwd: Mapping[str, State]) -> dict[str, tuple[M, State]]:
+    """Weighted layers read only by one (leaky) ReLU: its slope and its output gradient."""
+    out = {}
+    for node in net.nodes:
+        consumers = list(net.graph.successors(node.name))
+        if node.weighted and len(consumers) == 1 and net.node(consumers[0]).op in ("relu", "leaky_relu"):
+            relu = net.node(consumers[0])
+            out[node.name] = (relu.attrs.get("slope", 0), bwd[relu.name])
+    return out
+
+
+def _lift(rule: Rule) -> Any:
+    return lambda node, xs: State(rule.forward(node, [x.m for x in xs]), 0)
+
+
+def _lift_back(rule: Rule) -> Any:
+    return lambda node, xs, dy: tuple(State(g, 0) for g in rule.backward(node, [x.m for x in xs], dy.m))
+
+
+def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mapping[str, State],
+                 sent_states: tuple[State, ...], checks: Checks, tidy: Any, exact: bool,
+                 masks: Mapping[str, tuple[M, State]],
                  ) -> tuple[NodeResult, VarsigmaChange | None]:
-    y, dy = fwd[node.name], bwd[node.name]
+    fwd = {k: v.m for k, v in fwd_states.items()}
+    y, dy = fwd[node.name], bwd_states[node.name].m
+    sent = tuple(g.m for g in sent_states)
     varsigma = tidy(node.shape.size * dy * y)
     if node.op == "input":
         return NodeResult(node.name, "input", (), str(node.shape), y, dy, varsigma), None
@@ -107,7 +144,8 @@ def _node_result(node: Node, fwd: Mapping[str, M], bwd: Mapping[str, M], sent: t
     xs = [fwd[s] for s in node.inputs]
     # ς carried into this node: each input's ς counted with the gradient this node sends it
     varsigma_in = tidy(sum(s.size * x * g for s, x, g in zip(node.in_shapes, xs, sent)))
-    notes = [rule.note] if rule.note else []
+    note = EXACT[node.op].note if exact else rule.note
+    notes = [note] if note else []
     notes.extend(checks.notes[node.name])
     weight_m2 = gamma = gamma_ext = gamma_bias = None
     a = node.attrs
@@ -115,24 +153,31 @@ def _node_result(node: Node, fwd: Mapping[str, M], bwd: Mapping[str, M], sent: t
         assert node.init is not None
         weight_m2 = node.init.m2
         n_in, n_out, k2, taps = a["n_in"], a["n_out"], a["k2"], a["taps"]
-        # Eq. 2 with the ς this layer itself carries back to its input (App. C)
-        gamma = tidy(varsigma_in / (n_out * n_in * k2 * weight_m2**2))
         # extrinsic form; without padding T/ρ_out² = k² and T/k² = ρ_out² (App. D, Thm 1)
         gamma_ext = tidy(n_in * taps * taps * xs[0] ** 2 * dy / (node.shape.positions * k2 * y))
+        if exact:  # Thm 1 directly, with the pair terms of shared offsets and pooled gradients
+            x_state, g_state = fwd_states[node.inputs[0]], bwd_states[node.name]
+            grad = weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
+            gamma = tidy(grad / weight_m2)
+        else:  # Eq. 2 with the ς this layer itself carries back to its input (App. C)
+            gamma = tidy(varsigma_in / (n_out * n_in * k2 * weight_m2**2))
         notes.append(str(node.init))
     elif node.op == "scale" and a["learnable"]:
         weight_m2 = a["value"] ** 2
         gamma = tidy(varsigma_in / weight_m2**2)  # App. E: γ = ς/E[u²]²
         gamma_ext = tidy(node.in_shapes[0].size * xs[0] ** 2 * dy / y)  # Eq. 11
     if a.get("bias") is True or node.op == "bias":
-        gamma_bias = tidy(node.shape.positions * dy / y)  # Eq. 7: ρ²·E[Δy²]/E[y²]
+        if exact:  # E[Δb²]/E[y²], the pair terms included
+            gamma_bias = tidy(bias_grad_m2(node, bwd_states[node.name]) / y)
+        else:  # Eq. 7: ρ²·E[Δy²]/E[y²]
+            gamma_bias = tidy(node.shape.positions * dy / y)
     change = None
     ratio = tidy(varsigma / varsigma_in)
     if not _is_one(ratio):
         change = VarsigmaChange(node.name, node.op, ratio, rule.keeps_scaling)
         notes.append(f"ς ×{_short(ratio)}: {rule.keeps_scaling}")
     result = NodeResult(node.name, node.op, node.inputs, str(node.shape), y, dy, varsigma,
-                        weight_m2, gamma, gamma_ext, gamma_bias, rule.exact and checks.holds(node.name),
+                        weight_m2, gamma, gamma_ext, gamma_bias, not note and checks.holds(node.name),
                         tuple(notes))
     return result, change
 

@@ -49,6 +49,7 @@ def to_dict(analysis: Analysis) -> dict[str, Any]:
         "schema": SCHEMA,
         "scalecalc": __version__,
         "name": net.name,
+        "calculus": analysis.calculus,
         "input": {"shape": str(net.input_shape), "second_moment": value(net.input_m2)},
         "output": {"name": net.output, "grad_second_moment": value(net.grad_m2)},
         "params": {k: value(v) for k, v in net.params.items()},
@@ -78,7 +79,8 @@ def _node(r: NodeResult) -> dict[str, Any]:
 
 
 def table(analysis: Analysis) -> Table:
-    t = Table(title=f"{analysis.network.name}", box=box.SIMPLE_HEAD, title_justify="left")
+    t = Table(title=f"{analysis.network.name} ({analysis.calculus} calculus)", box=box.SIMPLE_HEAD,
+              title_justify="left")
     for col in ("node", "op", "shape", "E[x²]", "E[Δx²]", "ς", "γ", "γ_b", "notes"):
         left = col in ("node", "op", "notes", "shape")
         t.add_column(Text(col), justify="left" if left else "right", overflow="fold",

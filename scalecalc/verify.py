@@ -162,7 +162,7 @@ def verify(net: Network, analysis: Analysis, source: str, *, draws: int = 20, ba
     if draws < 2 or batch < 1:
         raise ScalecalcError(f"need --draws ≥ 2 and --batch ≥ 1, got {draws} and {batch}")
     device = resolve_device(device)
-    ok = check(net)
+    ok = check(net, analysis.calculus)
     nodes = list(net.order[1:])
     weighted = [n.name for n in net.nodes if n.weighted]
     start = time.perf_counter()

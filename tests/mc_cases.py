@@ -95,9 +95,9 @@ layers:
   - {name: fc1, op: linear, out: 64}
   - {name: fixed, op: scale, value: 0.5}
   - {name: relu, op: relu}
-  - {name: fc2, op: linear, out: 256}
+  - {name: fc2, op: linear, out: 512}
   - {name: gain, op: scale, value: 1.5, learnable: true}
-""", batch=2048, draws=128, seed=6),
+""", batch=1024, draws=192, seed=6),
     "identity": MCCase("""
 name: mc-identity
 input: {features: 64}

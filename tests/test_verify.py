@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from scalecalc import rules  # noqa: E402
+from scalecalc import exact, rules  # noqa: E402
 from scalecalc.codegen import emit_torch  # noqa: E402
 from scalecalc.corrections import correct  # noqa: E402
 from scalecalc.graph import build  # noqa: E402
@@ -24,11 +24,12 @@ CLI = [sys.executable, "-c", "from scalecalc.cli import main; main()"]
 SMALL = {"resnet50_preact": {"w": 8, "size": 32}, "vgg11": {"w": 16}, "alexnet_strided": {"w": 32, "fc": 256}}
 
 
-def run_verify(name: str, draws: int = 20, batch: int = 8, **kw):  # type: ignore[no-untyped-def]
+def run_verify(name: str, draws: int = 20, batch: int = 8, calculus: str = "exact"):  # type: ignore[no-untyped-def]
     spec = load(ROOT / "specs" / f"{name}.yaml")
-    fixed = correct(build(spec, SMALL.get(name)))
+    fixed = correct(build(spec, SMALL.get(name)), calculus=calculus)
     source = emit_torch(spec, fixed.network, digest="0", inserted=fixed.inserted)
-    return verify(fixed.network, propagate(fixed.network), source, draws=draws, batch=batch, device="cpu", **kw)
+    analysis = propagate(fixed.network, calculus)
+    return verify(fixed.network, analysis, source, draws=draws, batch=batch, device="cpu")
 
 
 @pytest.mark.parametrize("name", [p.stem for p in SPECS])
@@ -43,11 +44,17 @@ def test_verify_passes_on_every_spec(name: str) -> None:
             assert abs(c.measured - c.predicted) < 5 * c.se + 1e-3 * c.predicted, c
 
 
-def test_planted_wrong_rule_fails_and_names_the_nodes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    relu = rules.RULES["relu"]
-    wrong = rules.Rule("relu", lambda node, xs: 0.6 * xs[0], relu.backward, True, relu.keeps_scaling, "planted")
-    monkeypatch.setitem(rules.RULES, "relu", wrong)
-    result = run_verify("libsvm_mlp")
+@pytest.mark.parametrize("calculus", ["paper", "exact"])
+def test_planted_wrong_rule_fails_and_names_the_nodes(calculus: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    if calculus == "paper":
+        relu = rules.RULES["relu"]
+        wrong = rules.Rule("relu", lambda node, xs: 0.6 * xs[0], relu.backward, True, relu.keeps_scaling, "planted")
+        monkeypatch.setitem(rules.RULES, "relu", wrong)
+    else:
+        relu_exact = exact.EXACT["relu"]
+        planted = exact.ExactRule(lambda node, xs: exact.State(0.6 * xs[0].m, xs[0].k), relu_exact.backward)
+        monkeypatch.setitem(exact.EXACT, "relu", planted)
+    result = run_verify("libsvm_mlp", calculus=calculus)
     assert not result.passed
     failing = {c.node for c in result.failures}
     assert "relu1" in failing and all(c.quantity == "forward_m2" for c in result.failures)

@@ -1,0 +1,334 @@
+"""The exact calculus: second moments that stay right where the paper's assumptions fail.
+
+After a ReLU every element has a mean. A conv with fixed weights turns that mean into a
+per-channel offset shared by all positions of the channel — random across channels and
+weight draws, so still symmetric, but correlated across positions — and average pooling
+keeps it in full. So besides E[x²] = m each node carries k = E[x_p·x_q], the covariance of
+two different positions of one channel; in the backward pass E[Δx²] = g and gk likewise.
+
+The pair (m, k) moves through the ops as follows (derivations in each rule's docstring);
+the m part is the paper rule wherever the shared part does not change it. Positions of a
+conv output are otherwise uncorrelated, because each applies different weights to shared
+inputs. ReLU of a correlated Gaussian pair uses the arc-cosine kernel; smooth activations
+use Gauss–Hermite quadrature in the same Gaussian approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from scalecalc import expr
+from scalecalc.graph import Node
+from scalecalc.rules import BN_EPS, RULES, _gauss, _hermite, _max_m2, _phi, _sigmoid
+
+M = Any
+
+
+@dataclass(frozen=True)
+class State:
+    m: M  # E[x²]
+    k: M  # E[x_p·x_q], p ≠ q, same channel
+
+
+ExactForward = Callable[[Node, Sequence[State]], State]
+ExactBackward = Callable[[Node, Sequence[State], State], Sequence[State]]  # (g, gk) states
+
+
+@dataclass(frozen=True)
+class ExactRule:
+    forward: ExactForward
+    backward: ExactBackward
+    note: str = ""
+
+
+EXACT: dict[str, ExactRule] = {}
+
+
+def _ratio(a: M, b: M) -> M:
+    return 0 if b == 0 else a / b
+
+
+def _paper(op: str) -> ExactRule:
+    """Ops that scale every position alike: m and k (g and gk) move by the same factor."""
+    rule = RULES[op]
+
+    def forward(node: Node, xs: Sequence[State]) -> State:
+        m = rule.forward(node, [x.m for x in xs])
+        return State(m, _ratio(m, xs[0].m) * xs[0].k)
+
+    def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+        gs = rule.backward(node, [x.m for x in xs], dy.m)
+        return tuple(State(g, _ratio(g, dy.m) * dy.k) for g in gs)
+
+    return ExactRule(forward, backward)
+
+
+for _op in ("scale", "bias", "identity", "flatten"):
+    EXACT[_op] = _paper(_op)
+
+
+def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+    """g as in Eq. 10 (exact taps); gk' = gk·(g'/g)/(s_h·s_w).
+
+    Two input positions receive a common weight only if they sit on the same lattice of the
+    stride (i ≡ j mod s), a fraction 1/s² of the pairs; the others share nothing.
+    """
+    g = RULES["conv"].backward(node, [xs[0].m], dy.m)[0]
+    sh, sw = node.attrs["stride"]
+    return (State(g, _ratio(g, dy.m) * dy.k / (sh * sw)),)
+
+
+EXACT["conv"] = ExactRule(_paper("conv").forward, _conv_backward)
+
+
+def _vector_out(op: str) -> ExactRule:
+    """Linear layers: different output features use independent weights, so k = 0 after."""
+    rule = RULES[op]
+
+    def forward(node: Node, xs: Sequence[State]) -> State:
+        return State(rule.forward(node, [xs[0].m]), 0)
+
+    def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+        return (State(rule.backward(node, [xs[0].m], dy.m)[0], 0),)
+
+    return ExactRule(forward, backward)
+
+
+EXACT["linear"] = _vector_out("linear")
+
+
+def _dropout_forward(node: Node, xs: Sequence[State]) -> State:
+    """Masks are independent across positions: m/(1−p), but k is unchanged."""
+    p = node.attrs["p"]
+    return State(xs[0].m / (1 - p), xs[0].k)
+
+
+EXACT["dropout"] = ExactRule(_dropout_forward,
+                             lambda node, xs, dy: (State(dy.m / (1 - node.attrs["p"]), dy.k),))
+
+
+def _weights(node: Node) -> Sequence[M]:
+    return node.attrs.get("weights") or (1,) * len(node.inputs)
+
+
+EXACT["add"] = ExactRule(
+    lambda node, xs: State(sum(a**2 * x.m for a, x in zip(_weights(node), xs)),
+                           sum(a**2 * x.k for a, x in zip(_weights(node), xs))),
+    lambda node, xs, dy: tuple(State(a**2 * dy.m, a**2 * dy.k) for a in _weights(node)),
+)
+
+
+def _concat_forward(node: Node, xs: Sequence[State]) -> State:
+    sizes = [s.channels for s in node.in_shapes]
+    total = sum(sizes)
+    return State(sum(n * x.m for n, x in zip(sizes, xs)) / total, sum(n * x.k for n, x in zip(sizes, xs)) / total)
+
+
+EXACT["concat"] = ExactRule(_concat_forward, lambda node, xs, dy: (dy,) * len(node.inputs))
+
+
+# --- ReLU family: the arc-cosine kernel --------------------------------------------------
+
+def _acos(x: M, exact: bool) -> M:
+    """arccos, exact (sympy) when the moments are symbolic so closed forms stay closed."""
+    if exact:
+        import sympy
+
+        return sympy.acos(sympy.sympify(x))
+    return math.acos(max(-1.0, min(1.0, float(x))))
+
+
+def _sympy(value: M) -> bool:
+    return type(value).__module__.startswith("sympy")
+
+
+def _trig(theta: M) -> tuple[M, M, M]:  # sin, cos and π, exact when theta is sympy
+    if type(theta).__module__.startswith("sympy"):
+        import sympy
+
+        return sympy.sin(theta), sympy.cos(theta), sympy.pi
+    return math.sin(theta), math.cos(theta), math.pi
+
+
+def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
+    def forward(node: Node, xs: Sequence[State]) -> State:
+        """m' = (1+a²)m/2;  k' = (1+a²)·J(θ) − 2a·J(π−θ),  J(θ) = m(sin θ + (π−θ)cos θ)/2π, cos θ = k/m.
+
+        J is E[relu(u)relu(v)] for a centred Gaussian pair of variance m and covariance k
+        (the arc-cosine kernel of degree 1); leaky ReLU is relu(x) − a·relu(−x).
+        """
+        a, x = slope_of(node), xs[0]
+        theta = _acos(_ratio(x.k, x.m), _sympy(x.m))
+        sin, cos, pi = _trig(theta)
+        j_same = x.m * (sin + (pi - theta) * cos) / (2 * pi)
+        j_flip = x.m * (sin - theta * cos) / (2 * pi)  # J at correlation −k/m
+        return State((1 + a**2) * x.m / 2, (1 + a**2) * j_same - 2 * a * j_flip)
+
+    def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+        """g' = (1+a²)g/2;  gk' = gk·((1+a²)(π−θ) + 2aθ)/2π: both units open with prob. (π−θ)/2π."""
+        a, x = slope_of(node), xs[0]
+        theta = _acos(_ratio(x.k, x.m), _sympy(x.m))
+        pi = _trig(theta)[2]
+        return (State((1 + a**2) * dy.m / 2, dy.k * ((1 + a**2) * (pi - theta) + 2 * a * theta) / (2 * pi)),)
+
+    return ExactRule(forward, backward)
+
+
+EXACT["relu"] = _leaky(lambda node: 0)
+EXACT["leaky_relu"] = _leaky(lambda node: node.attrs["slope"])
+
+
+# --- pooling -----------------------------------------------------------------------------
+
+def _avgpool_forward(node: Node, xs: Sequence[State]) -> State:
+    """m' = (τ·m + τ(τ−1)·k)/K²,  k' = τ²·k/K²   (τ = T/ρ'² mean real taps, K = window size).
+
+    Each output averages τ real inputs (torch divides by K), τ terms of m and τ(τ−1)
+    shared pairs; two outputs share the channel offset through all τ² pairs.
+    """
+    a, x, p = node.attrs, xs[0], node.shape.positions
+    t, big_k = a["taps"], a["k2"]
+    return State(x.m * t / (p * big_k**2) + x.k * t * (t - p) / (p * big_k) ** 2, x.k * t**2 / (p * big_k) ** 2)
+
+
+def _avgpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+    """g' = (c·g + c(c−1)·gk)/K²,  gk' = (c²·gk + f·c·(g − gk))/K²   (c = T/ρ² mean coverage).
+
+    An input gets the gradients of the c windows covering it, divided by K; two inputs of
+    one window (a fraction f = (K−1)/(ρ²−1) of pairs) share that window's whole gradient.
+    """
+    a, p = node.attrs, node.in_shapes[0].positions
+    t, big_k = a["taps"], a["k2"]
+    g = dy.m * t / (p * big_k**2) + dy.k * t * (t - p) / (p * big_k) ** 2
+    shared = dy.k * t**2 / (p * big_k) ** 2
+    if p > 1:  # the fraction (K−1)/(ρ²−1) of pairs that sit in one window
+        shared = shared + (dy.m - dy.k) * (big_k - 1) * t / ((p - 1) * p * big_k**2)
+    return (State(g, shared),)
+
+
+EXACT["avgpool"] = ExactRule(_avgpool_forward, _avgpool_backward)
+
+
+def _global_forward(node: Node, xs: Sequence[State]) -> State:
+    """m' = (m + (P−1)·k)/P over the P = ρ² positions; channels of the result are independent."""
+    p, x = node.in_shapes[0].positions, xs[0]
+    return State((x.m + (p - 1) * x.k) / p, 0)
+
+
+EXACT["global_avgpool"] = ExactRule(
+    _global_forward,
+    lambda node, xs, dy: (State(dy.m / node.in_shapes[0].positions ** 2, dy.m / node.in_shapes[0].positions ** 2),),
+)
+
+
+def _maxpool_forward(node: Node, xs: Sequence[State]) -> State:
+    """max = b + max(z): m' = k + (m−k)·μ₂(K),  k' = k + (m−k)·μ₁(K)²   (μ: moments of a max of K normals)."""
+    window = round(float(node.attrs["taps"] / node.shape.positions))
+    x = xs[0]
+    mu1 = _max_mean(window)
+    return State(x.k + (x.m - x.k) * _max_m2(window), x.k + (x.m - x.k) * mu1**2)
+
+
+def _maxpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+    """Each window routes its gradient to its arg-max: g' = g·ρ'²/ρ², pairs across windows ×1/K²."""
+    window = round(float(node.attrs["taps"] / node.shape.positions))
+    share = node.shape.positions / node.in_shapes[0].positions
+    return (State(dy.m * share, dy.k * share / window),)
+
+
+def _max_mean(k: int) -> float:
+    nodes, weights = _hermite()
+    return sum(w * z * k * _phi(z) ** (k - 1) for z, w in zip(nodes, weights))
+
+
+EXACT["maxpool"] = ExactRule(_maxpool_forward, _maxpool_backward, "maxpool: Gaussian order statistics (approximate)")
+
+
+# --- normalisation -----------------------------------------------------------------------
+
+def _batchnorm_forward(node: Node, xs: Sequence[State]) -> State:
+    """Train-mode BN removes each channel's mean over batch and positions — the shared offset
+    with it: m' = (m−k)/(m−k+ε), k' = 0."""
+    v = xs[0].m - xs[0].k
+    return State(v / (v + BN_EPS), 0)
+
+
+EXACT["batchnorm"] = ExactRule(
+    _batchnorm_forward,
+    lambda node, xs, dy: (State(dy.m / (xs[0].m - xs[0].k + BN_EPS), 0),),
+    "batchnorm: the gradient's projection terms are neglected",
+)
+EXACT["layernorm"] = ExactRule(
+    lambda node, xs: State(xs[0].m / (xs[0].m + BN_EPS), xs[0].k / (xs[0].m + BN_EPS)),
+    lambda node, xs, dy: (State(dy.m / (xs[0].m + BN_EPS), dy.k / (xs[0].m + BN_EPS)),),
+    "layernorm: per-channel offsets average out over many channels (approximate)",
+)
+
+
+# --- smooth activations ------------------------------------------------------------------
+
+def _pair(f: Callable[[float], float], m: float, k: float) -> float:
+    """E[f(u)f(v)] for a centred Gaussian pair with variance m and covariance k ≥ 0."""
+    nodes, weights = _hermite()
+    shared, own = math.sqrt(max(k, 0.0)), math.sqrt(max(m - k, 0.0))
+    total = 0.0
+    for z0, w0 in zip(nodes, weights):
+        inner = sum(w * f(shared * z0 + own * z) for z, w in zip(nodes, weights))
+        total += w0 * inner * inner
+    return total
+
+
+def _smooth(op: str, f: Callable[[float], float], df: Callable[[float], float]) -> ExactRule:
+    paper = RULES[op]
+
+    def forward(node: Node, xs: Sequence[State]) -> State:
+        x = xs[0]
+        if expr.is_symbolic(x.m) or expr.is_symbolic(x.k):
+            m = paper.forward(node, [x.m])
+            return State(m, _ratio(m, x.m) * x.k)
+        return State(_gauss(f, float(x.m)), _pair(f, float(x.m), float(x.k)))
+
+    def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+        x = xs[0]
+        if expr.is_symbolic(x.m) or expr.is_symbolic(x.k):
+            g = paper.backward(node, [x.m], dy.m)[0]
+            return (State(g, _ratio(g, dy.m) * dy.k),)
+        return (State(_gauss(df, float(x.m)) * dy.m, _pair(df, float(x.m), float(x.k)) * dy.k),)
+
+    return ExactRule(forward, backward, f"{op}: Gaussian-input quadrature")
+
+
+EXACT["tanh"] = _smooth("tanh", math.tanh, lambda x: 1 - math.tanh(x) ** 2)
+EXACT["sigmoid"] = _smooth("sigmoid", _sigmoid, lambda x: _sigmoid(x) * (1 - _sigmoid(x)))
+EXACT["gelu"] = _smooth("gelu", lambda x: x * _phi(x),
+                        lambda x: _phi(x) + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi))
+
+
+def bias_grad_m2(node: Node, dy: State) -> M:
+    """Per-sample E[Δb²] of a per-channel bias: Σ over the P output positions of one channel's
+    gradient, P·g + P(P−1)·gk — the pair terms matter under a pooling layer (Eq. 7 extended)."""
+    p = node.shape.positions
+    return dy.m * p + dy.k * p * (p - 1)
+
+
+def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, State] | None = None) -> M:
+    """Per-sample E[ΔW²] of a conv/linear layer, per weight (τ = T/k² uses of each tap):
+
+        τ·m·g  +  τ(τ−1)·k·gk  +  τ(τ−1)·gk_h·E[W²]·m²·(1−a)²/(2π·E[y²]).
+
+    The first term is Thm 1. The second pairs the shared parts of input and gradient. The
+    third appears when the layer feeds a (leaky) ReLU whose output gradient h has a shared
+    part gk_h (a pooling below): the unit's mask 1[y > 0] is correlated with each input,
+    E[x·1[y>0]] = W·m·(1−a)/√(2π·E[y²]) for a Gaussian pre-activation, so the products of
+    two positions no longer average out. ``mask`` is (a, gradient state at the ReLU output).
+    """
+    t, k2 = node.attrs["taps"], node.attrs["k2"]
+    total = x.m * dy.m * t / k2 + x.k * dy.k * t * (t - k2) / k2**2
+    if mask is not None and node.init is not None:
+        a, h = mask
+        pi = _trig(x.m)[2] if _sympy(x.m) else math.pi
+        total = total + h.k * node.init.m2 * x.m**2 * (1 - a) ** 2 * t * (t - k2) / (2 * pi * y.m * k2**2)
+    return total
