@@ -22,7 +22,8 @@ of them can fail structurally, and each is checked on the graph alone:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from scalecalc.graph import Network, Node
@@ -91,8 +92,8 @@ def check(net: Network, calculus: str = "exact") -> Checks:
                                     "(rule assumes uncorrelated)")
             bad["forward"].add(node.name)
             bad["backward"].add(node.name)
-    if not net.symbols:
-        for name, (fwd, bwd) in _border_errors(net).items():
+    if not net.symbols and calculus != "exact":  # the exact calculus applies these factors itself
+        for name, (fwd, bwd, _) in border_factors(net).items():
             for error, what in ((fwd, "input"), (bwd, "gradient")):
                 if abs(error - 1) > BORDER_TOLERANCE:
                     notes[name].append(f"{net.node(name).op}: {what} moments differ across positions (border "
@@ -124,22 +125,18 @@ def _chain(net: Network, notes: Mapping[str, tuple[str, ...]], bad: Mapping[str,
     return Checks(notes, fwd, bwd, gamma)
 
 
-def _window_1d(profile: tuple[float, ...], k: int, s: int, p: int, size: int, out: int, backward: bool,
+def _window_1d(profile: tuple[float, ...], pairs: list[tuple[int, int]], size: int, backward: bool,
                ) -> tuple[tuple[float, ...], float]:
-    """Push a per-axis moment profile through a window, forward (input → output) or backward.
-
-    Returns the new profile and the ratio of the exact position average to the rule's, which
-    counts taps as if every position carried the mean moment.
-    """
-    pairs = [(o, s * o - p + t) for o in range(out) for t in range(k) if 0 <= s * o - p + t < size]
-    result = [0.0] * (size if backward else out)
+    """Push a per-axis moment profile through a window's (output, input) pairs, forward or
+    backward; return the new profile (of length ``size``) and the ratio of the exact position
+    average to the rule's, which counts taps as if every position carried the mean moment."""
+    result = [0.0] * size
     for o, i in pairs:
         if backward:
             result[i] += profile[o]
         else:
             result[o] += profile[i]
-    exact = sum(result)
-    return _normalise(result), exact / len(pairs)
+    return _normalise(result), sum(result) / len(pairs)
 
 
 def _normalise(values: list[float]) -> tuple[float, ...]:
@@ -147,31 +144,35 @@ def _normalise(values: list[float]) -> tuple[float, ...]:
     return tuple(v / mean for v in values) if mean else tuple(values)
 
 
-def _border_errors(net: Network) -> dict[str, tuple[float, float]]:
-    """Estimated ratio of exact to rule moments at each window op, forward and backward.
+def border_factors(net: Network) -> dict[str, tuple[float, float, float]]:
+    """Per window op: exact/position-averaged ratio of its forward moment, its backward
+    moment and its weight-gradient moment, from per-axis position profiles of the moments.
 
-    Moments are tracked as per-axis position profiles (mean 1); where several inputs or
-    consumers meet, their profiles are averaged with equal weight (an estimate, used only
-    to decide whether to flag a node).
+    A padded window gives border outputs fewer taps, so moments vary across positions; the
+    next window op then sums more of the interior than the average. Profiles (mean 1) are
+    pushed through every window op exactly; where several inputs or consumers meet they are
+    averaged with equal weight (an approximation).
     """
     def flat(node: Node) -> Profile:
         return ((1.0,) * int(node.shape.h), (1.0,) * int(node.shape.w))
 
-    def through(node: Node, prof: Profile, backward: bool) -> tuple[Profile, float]:
+    def pairs(node: Node, d: int) -> list[tuple[int, int]]:
         a, x = node.attrs, node.in_shapes[0]
-        axes = [_window_1d(prof[d], int(a["kernel"][d]), int(a["stride"][d]), int(a["padding"][d]),
-                           int((x.h, x.w)[d]), int((node.shape.h, node.shape.w)[d]), backward) for d in (0, 1)]
-        return (axes[0][0], axes[1][0]), axes[0][1] * axes[1][1]
+        k, s, p = int(a["kernel"][d]), int(a["stride"][d]), int(a["padding"][d])
+        size, out = int((x.h, x.w)[d]), int((node.shape.h, node.shape.w)[d])
+        return [(o, s * o - p + t) for o in range(out) for t in range(k) if 0 <= s * o - p + t < size]
 
     fwd: dict[str, Profile] = {}
-    errors: dict[str, list[float]] = {}
+    seen_in: dict[str, Profile] = {}
+    factors: dict[str, list[float]] = {}
     for node in net.nodes:
         if not node.shape.spatial:
             continue
         ins = [fwd[s] for s in node.inputs if s in fwd]
         if node.op in WINDOWS:
-            fwd[node.name], factor = through(node, ins[0] if ins else flat(net.node(node.inputs[0])), False)
-            errors[node.name] = [factor, 1.0]
+            seen_in[node.name] = ins[0] if ins else flat(net.node(node.inputs[0]))
+            fwd[node.name], factor = _through(node, seen_in[node.name], False, pairs)
+            factors[node.name] = [factor, 1.0, 1.0]
         else:
             fwd[node.name] = _mix(ins) if ins else flat(node)
     grads: dict[str, list[Profile]] = {}
@@ -180,15 +181,25 @@ def _border_errors(net: Network) -> dict[str, tuple[float, float]]:
             continue
         mine = grads.get(node.name)
         prof = _mix(mine) if mine else flat(node)
+        sent = prof
         if node.op in WINDOWS:
-            sent, factor = through(node, prof, True)
-            errors[node.name][1] = factor
-        else:
-            sent = prof
+            sent, factors[node.name][1] = _through(node, prof, True, pairs)
+            factors[node.name][2] = math.prod(
+                sum(prof[d][o] * seen_in[node.name][d][i] for o, i in pairs(node, d)) / len(pairs(node, d))
+                for d in (0, 1))
         for src in node.inputs:
             if net.node(src).shape.spatial:
                 grads.setdefault(src, []).append(sent)
-    return {name: (f, b) for name, (f, b) in errors.items()}
+    return {name: (f, b, w) for name, (f, b, w) in factors.items()}
+
+
+def _through(node: Node, prof: Profile, backward: bool, pairs: Callable[[Node, int], list[tuple[int, int]]],
+             ) -> tuple[Profile, float]:
+    x = node.in_shapes[0]
+    sizes = [(int(x.h), int(node.shape.h)), (int(x.w), int(node.shape.w))]
+    axes = [_window_1d(prof[d], pairs(node, d), sizes[d][0] if backward else sizes[d][1], backward)
+            for d in (0, 1)]
+    return (axes[0][0], axes[1][0]), axes[0][1] * axes[1][1]
 
 
 def _mix(profiles: list[Profile]) -> Profile:

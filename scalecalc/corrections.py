@@ -29,6 +29,7 @@ from types import MappingProxyType
 import networkx as nx
 
 from scalecalc import expr
+from scalecalc.assumptions import border_factors
 from scalecalc.errors import ScalecalcError
 from scalecalc.exact import EXACT, State
 from scalecalc.graph import Network, Node
@@ -118,6 +119,7 @@ def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str) 
     fixed, origin = apply(net, plan)
     change: list[float] = [0.0]
     states = {"input": State(net.input_m2, 0)}
+    border = border_factors(fixed) if calculus == "exact" else {}
     for node in fixed.nodes[1:]:
         ins = [states[s] for s in node.inputs]
         xs = [float(x.m) for x in ins]
@@ -132,7 +134,8 @@ def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str) 
             value = output_std / math.sqrt(xs[0])
             plan.out = _move(plan.out, value, change)
         elif calculus == "exact":
-            states[node.name] = EXACT[node.op].forward(node, ins)
+            out, f = EXACT[node.op].forward(node, ins), border.get(node.name, (1, 1, 1))[0]
+            states[node.name] = State(out.m * f, out.k * f)
             continue
         else:
             states[node.name] = State(RULES[node.op].forward(node, xs), 0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scalecalc import expr
-from scalecalc.assumptions import Checks, check
+from scalecalc.assumptions import Checks, border_factors, check
 from scalecalc.errors import ScalecalcError
 from scalecalc.exact import EXACT, State, bias_grad_m2, weight_grad_m2
 from scalecalc.graph import Network, Node
@@ -85,17 +85,21 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     exact = calculus == "exact"
     forward = {op: r.forward for op, r in EXACT.items()} if exact else {op: _lift(r) for op, r in RULES.items()}
     backward = {op: r.backward for op, r in EXACT.items()} if exact else {op: _lift_back(r) for op, r in RULES.items()}
+    border = border_factors(net) if exact and not net.symbols else {}
     fwd: dict[str, State] = {"input": State(net.input_m2, 0)}
     for node in net.nodes[1:]:
         out = forward[node.op](node, [fwd[s] for s in node.inputs])
-        fwd[node.name] = State(_finite(tidy(out.m), node, "E[x²]"), tidy(out.k))
+        f = border.get(node.name, (1, 1, 1))[0]
+        fwd[node.name] = State(_finite(tidy(out.m * f), node, "E[x²]"), tidy(out.k * f))
     bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
     bwd[net.output] = State(net.grad_m2, 0)
     sent: dict[str, tuple[State, ...]] = {}
     for node in reversed(net.nodes[1:]):
         g = bwd[node.name]
         bwd[node.name] = g = State(_finite(tidy(g.m), node, "E[Δx²]"), tidy(g.k))
-        sent[node.name] = tuple(backward[node.op](node, [fwd[s] for s in node.inputs], g))
+        b = border.get(node.name, (1, 1, 1))[1]
+        sent[node.name] = tuple(State(s.m * b, s.k * b)
+                                for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
         for src, grad in zip(node.inputs, sent[node.name]):
             bwd[src] = State(bwd[src].m + grad.m, bwd[src].k + grad.k)
     bwd["input"] = State(tidy(bwd["input"].m), tidy(bwd["input"].k))
@@ -103,7 +107,7 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     results, changes = [], []
     for node in net.nodes:
         result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy, exact,
-                                      _masks(net, bwd) if exact else {})
+                                      _masks(net, bwd) if exact else {}, border.get(node.name, (1, 1, 1))[2])
         results.append(result)
         if change:
             changes.append(change)
@@ -132,7 +136,7 @@ def _lift_back(rule: Rule) -> Any:
 
 def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mapping[str, State],
                  sent_states: tuple[State, ...], checks: Checks, tidy: Any, exact: bool,
-                 masks: Mapping[str, tuple[M, State]],
+                 masks: Mapping[str, tuple[M, State]], border: float,
                  ) -> tuple[NodeResult, VarsigmaChange | None]:
     fwd = {k: v.m for k, v in fwd_states.items()}
     y, dy = fwd[node.name], bwd_states[node.name].m
@@ -157,7 +161,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         gamma_ext = tidy(n_in * taps * taps * xs[0] ** 2 * dy / (node.shape.positions * k2 * y))
         if exact:  # Thm 1 directly, with the pair terms of shared offsets and pooled gradients
             x_state, g_state = fwd_states[node.inputs[0]], bwd_states[node.name]
-            grad = weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
+            grad = border * weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
             gamma = tidy(grad / weight_m2)
         else:  # Eq. 2 with the ς this layer itself carries back to its input (App. C)
             gamma = tidy(varsigma_in / (n_out * n_in * k2 * weight_m2**2))

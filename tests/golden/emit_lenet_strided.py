@@ -59,7 +59,7 @@ class Model(nn.Module):
         self.conv2 = conv(6, 16, 5, stride=2, padding=2, bias=True, m2=0.0408248290464)  # geometric(c=2) (Eq. 3)
         self.relu2 = nn.ReLU()
         self.flat = nn.Flatten()
-        self.fc1_in = Scale(0.353553390593)  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at fc1 (n·k² = 1024)
+        self.fc1_in = Scale(0.349747781181)  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at fc1 (n·k² = 1024)
         self.fc1 = linear(1024, 120, bias=True, m2=0.00570544330735)  # geometric(c=2) (Eq. 3)
         self.relu3 = nn.ReLU()
         self.fc2 = linear(120, 84, bias=True, m2=0.0199204768222)  # geometric(c=2) (Eq. 3)

@@ -105,25 +105,25 @@ class Model(nn.Module):
                 pool=nn.MaxPool2d(2, stride=2, padding=0),  # maxpool does not keep ς (Table 1); left as written
             )
         self.stage3 = Stage(
-                conv1_in=Scale(0.954269023574),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage3.conv1 (n·k² = 813.4)
+                conv1_in=Scale(0.948129425076),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage3.conv1 (n·k² = 813.4)
                 conv1=conv(128, 256, 3, stride=1, padding=1, bias=True, m2=0.00151992401721),  # §11 equal γ: carries 1.533 of ς, so c = 1.238·c₀ = 0.8254 (spec: geometric(c=0.6667))
                 relu1=nn.ReLU(),
-                conv2_in=Scale(0.980412594157),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage3.conv2 (n·k² = 1627)
+                conv2_in=Scale(0.964932395302),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage3.conv2 (n·k² = 1627)
                 conv2=conv(256, 256, 3, stride=1, padding=1, bias=True, m2=0.00107474857946),  # §11 equal γ: carries 1.533 of ς, so c = 1.238·c₀ = 0.8254 (spec: geometric(c=0.6667))
                 relu2=nn.ReLU(),
                 pool=nn.MaxPool2d(2, stride=2, padding=0),  # maxpool does not keep ς (Table 1); left as written
             )
         self.stage4 = Stage(
-                conv1_in=Scale(1.05658836013),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage4.conv1 (n·k² = 1111)
+                conv1_in=Scale(1.02614761741),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage4.conv1 (n·k² = 1111)
                 conv1=conv(256, 512, 3, stride=1, padding=1, bias=True, m2=0.0007756889889),  # §11 equal γ: carries 1.597 of ς, so c = 1.264·c₀ = 0.8425 (spec: geometric(c=0.6667))
                 relu1=nn.ReLU(),
-                conv2_in=Scale(1.0674651229),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage4.conv2 (n·k² = 2222)
+                conv2_in=Scale(1.02846747157),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage4.conv2 (n·k² = 2222)
                 conv2=conv(512, 512, 3, stride=1, padding=1, bias=True, m2=0.000548494944143),  # §11 equal γ: carries 1.597 of ς, so c = 1.264·c₀ = 0.8425 (spec: geometric(c=0.6667))
                 relu2=nn.ReLU(),
                 pool=nn.MaxPool2d(2, stride=2, padding=0),  # maxpool does not keep ς (Table 1); left as written
             )
         self.stage5 = Stage(
-                conv1_in=Scale(1.32275120685),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage5.conv1 (n·k² = 910.2)
+                conv1_in=Scale(1.2647675923),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage5.conv1 (n·k² = 910.2)
                 conv1=conv(512, 512, 3, stride=1, padding=1, bias=True, m2=0.000553296814181),  # §11 equal γ: carries 1.625 of ς, so c = 1.275·c₀ = 0.8499 (spec: geometric(c=0.6667))
                 relu1=nn.ReLU(),
                 conv2_in=Scale(1.32852868787),  # §8 γ_bias = γ: n·k²·E[x²]² = 1 at stage5.conv2 (n·k² = 910.2)
