@@ -330,5 +330,6 @@ def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, Sta
     if mask is not None and node.init is not None:
         a, h = mask
         pi = _trig(x.m)[2] if _sympy(x.m) else math.pi
-        total = total + h.k * node.init.m2 * x.m**2 * (1 - a) ** 2 * t * (t - k2) / (2 * pi * y.m * k2**2)
+        own = x.m - x.k  # the position-specific part; the shared part is in the second term
+        total = total + h.k * node.init.m2 * own**2 * (1 - a) ** 2 * t * (t - k2) / (2 * pi * y.m * k2**2)
     return total

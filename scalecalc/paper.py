@@ -41,18 +41,19 @@ NEED_MATPLOTLIB = "matplotlib is needed for plots: pip install 'scalecalc[report
 
 
 def fig1(path_png: str, setups: int = 100, batch: int = 1024, seed: int = 0, device: str = "cpu",
-         dtype: str = "float32", schemes: Sequence[str] = SCHEMES) -> dict[str, Any]:
+         dtype: str = "float32", schemes: Sequence[str] = SCHEMES, calculus: str = "paper") -> dict[str, Any]:
     """Figure 1: histogram of γ_l / E[(G_l r)²] over ``setups`` sampled setups, saved to ``path_png``.
 
     A setup is one independent draw of: an init scheme (uniform over ``schemes``; the paper does
     not say which it used), the weights, a batch of iid N(0, 1) inputs, the loss matrix R and
     one direction r per layer. γ_l comes from the analysis of the spec as written under that
-    scheme, rescaled to the loss (``predicted_hessian``); E[(G_l r)²] is the per-sample mean
-    square of H_b r over the batch (``hessian_blocks`` with one draw). Returns the setup
-    parameters, the run time, each setup's scheme and ratios, and per layer and overall the
-    median, quartiles and count of the ratio and its pooled value (``_stats``). float32 by
-    default: the paper's batch of 1024 then runs 100 setups in about 1.5 minutes on 2 CPU cores
-    (float64: about 4); its rounding is far below the setup-to-setup spread.
+    scheme in ``calculus`` ("paper": Eq. 2 as published, the default; or scalecalc's "exact"),
+    rescaled to the loss (``predicted_hessian``); E[(G_l r)²] is the per-sample mean square of
+    H_b r over the batch (``hessian_blocks`` with one draw). Returns the setup parameters, the
+    run time, each setup's scheme and ratios, and per layer, per scheme and overall the median,
+    quartiles and count of the ratio and its pooled value (``_stats``). float32 by default: the
+    paper's batch of 1024 then runs 100 setups in 1.5–2 minutes on 2 CPU cores (float64 takes
+    twice the CPU time); its rounding is far below the setup-to-setup spread.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -85,7 +86,7 @@ def fig1(path_png: str, setups: int = 100, batch: int = 1024, seed: int = 0, dev
         for scheme in sorted(set(picks)):
             net = build(spec, None, (), scheme)
             module = load_module(emit_torch(spec, net, digest="0"), Path(tmp), f"lenet_{scheme}")
-            models[scheme] = (module, predicted_hessian(propagate(net), net), float(net.input_m2))
+            models[scheme] = (module, predicted_hessian(propagate(net, calculus), net), float(net.input_m2))
         for scheme, s in zip(picks, seeds):
             module, predicted, input_m2 = models[scheme]
             measured = hessian_blocks(module, list(predicted), draws=1, batch=batch, seed=int(s), device=device,
@@ -95,7 +96,7 @@ def fig1(path_png: str, setups: int = 100, batch: int = 1024, seed: int = 0, dev
     seconds = time.perf_counter() - start
     everything = [v for values in ratios.values() for v in values]
     summary: dict[str, Any] = {"setups": setups, "batch": batch, "seed": seed, "device": device, "dtype": dtype,
-               "seconds": seconds, "schemes": picks, "ratios": ratios,
+               "calculus": calculus, "seconds": seconds, "schemes": picks, "ratios": ratios,
                "layers": {name: _stats(values) for name, values in ratios.items()},
                "overall": _stats(everything),
                "by_scheme": {s: _stats([ratios[n][i] for n in ratios for i, p in enumerate(picks) if p == s])

@@ -38,6 +38,7 @@ class NodeResult:
     gamma_bias: M = None
     exact: bool = True
     notes: tuple[str, ...] = ()
+    gamma_exact: bool = True  # False where γ rests on the approximate pair terms
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Summary:
 
 
 CALCULI = ("exact", "paper")
+PAIR_SHARE = 0.1  # γ is trusted as exact only while pair terms stay below this share of E[ΔW²]
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
     notes = [note] if note else []
     notes.extend(checks.notes[node.name])
     weight_m2 = gamma = gamma_ext = gamma_bias = None
+    gamma_exact = True
     a = node.attrs
     if node.weighted:
         assert node.init is not None
@@ -163,6 +166,12 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
             x_state, g_state = fwd_states[node.inputs[0]], bwd_states[node.name]
             grad = border * weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
             gamma = tidy(grad / weight_m2)
+            single = border * weight_grad_m2(node, State(x_state.m, 0), fwd_states[node.name], State(g_state.m, 0))
+            share = 1 - single / grad if not expr.is_symbolic(grad) else 0
+            if share > PAIR_SHARE:
+                gamma_exact = False
+                notes.append(f"γ: {100 * share:.0f}% of E[ΔW²] is pair terms of shared offsets and pooled "
+                             "gradients (Gaussian, independence approximations)")
         else:  # Eq. 2 with the ς this layer itself carries back to its input (App. C)
             gamma = tidy(varsigma_in / (n_out * n_in * k2 * weight_m2**2))
         notes.append(str(node.init))
@@ -181,8 +190,8 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         change = VarsigmaChange(node.name, node.op, ratio, rule.keeps_scaling)
         notes.append(f"ς ×{_short(ratio)}: {rule.keeps_scaling}")
     result = NodeResult(node.name, node.op, node.inputs, str(node.shape), y, dy, varsigma,
-                        weight_m2, gamma, gamma_ext, gamma_bias, not note and checks.holds(node.name),
-                        tuple(notes))
+                        weight_m2, gamma, gamma_ext, gamma_bias,
+                        not note and checks.holds(node.name) and gamma_exact, tuple(notes), gamma_exact)
     return result, change
 
 

@@ -175,7 +175,7 @@ def verify(net: Network, analysis: Analysis, source: str, *, draws: int = 20, ba
     for name in nodes:
         r = analysis[name]
         trust = {"forward_m2": ok.forward_ok[name], "backward_m2": ok.backward_ok[name],
-                 "weight_m2": True, "gamma": ok.gamma_ok[name]}
+                 "weight_m2": True, "gamma": ok.gamma_ok[name] and r.gamma_exact}
         for quantity, values in measured[name].items():
             mean = statistics.fmean(values)
             se = statistics.stdev(values) / math.sqrt(len(values))
