@@ -168,6 +168,8 @@ def verify(
     no_correct: Annotated[bool, typer.Option("--no-correct", help="Verify the spec as written.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     show_all: Annotated[bool, typer.Option("--all", help="List every check, not just the main ones.")] = False,
+    hessian: Annotated[bool, typer.Option(help="Also measure Hessian blocks E[(G_l r)²] against Thm 2.")] = False,
+    conditioning: Annotated[bool, typer.Option(help="Also report layer-wise conditioning (Σx, Σ∇h).")] = False,
     set_: SetOpt = None,
     output_std: OutStd = DEFAULT_STD,
     calculus: CalcOpt = "exact",
@@ -196,6 +198,7 @@ def verify(
         with report.progress(draws, err_console) as bar:
             task = bar.add_task("draws", total=draws)
             result = run(net, analysis, source, draws=draws, batch=batch, seed=seed, tol=tol, device=device,
+                         hessian=hessian, conditioning=conditioning,
                          on_draw=lambda done: bar.update(task, completed=done))
     except ScalecalcError as err:
         _fail(err)
@@ -204,6 +207,35 @@ def verify(
     else:
         _console().print(report.verification_table(result, show_all))
     raise typer.Exit(0 if result.passed else 1)
+
+
+paper_app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's figures.")
+app.add_typer(paper_app, name="paper")
+
+
+@paper_app.command("fig1")
+def paper_fig1(
+    output: Annotated[str, typer.Option("-o", "--output", help="PNG file to write.")] = "fig1.png",
+    setups: Annotated[int, typer.Option(help="Sampled setups (weights, loss, init scheme).")] = 100,
+    batch: Annotated[int, typer.Option(help="Samples per setup.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Figure 1: γ / E[(G_l r)²] for sampled strided-LeNet setups, as a histogram and a summary."""
+    from scalecalc.paper import fig1
+    from scalecalc.verify import resolve_device
+
+    try:
+        summary = fig1(output, setups=setups, batch=batch, seed=seed, device=resolve_device(device))
+    except ScalecalcError as err:
+        _fail(err)
+    brief = {k: v for k, v in summary.items() if k not in ("ratios", "schemes")}
+    if as_json:
+        typer.echo(json.dumps(brief, indent=2, ensure_ascii=False, default=str))
+    else:
+        _console().print(brief)
+        typer.echo(f"wrote {output}")
 
 
 def main() -> None:

@@ -160,6 +160,7 @@ def verification_dict(v: Verification) -> dict[str, Any]:
     return {
         "schema": SCHEMA, "name": v.name, "passed": v.passed, "device": v.device, "draws": v.draws,
         "batch": v.batch, "seed": v.seed, "tol": v.tol, "z": z, "seconds": v.seconds,
+        "conditioning": {k: dict(v) for k, v in v.conditioning.items()},
         "checks": [{"node": c.node, "op": c.op, "quantity": c.quantity, "predicted": c.predicted,
                     "measured": c.measured, "se": c.se, "error": c.error, "trusted": c.trusted,
                     "failed": c.failed(v.tol, z)} for c in v.checks],
@@ -175,7 +176,7 @@ def verification_table(v: Verification, show_all: bool = False) -> Group:
         t.add_column(Text(col), justify="left" if col in ("node", "quantity", "status") else "right", no_wrap=True)
     for c in v.checks:
         failed = c.failed(v.tol, z)
-        if not (show_all or failed or not c.trusted or c.quantity in ("gamma", "forward_m2")):
+        if not (show_all or failed or not c.trusted or c.quantity in ("gamma", "forward_m2", "hessian")):
             continue
         status, style = ("FAIL", "bold red") if failed else ("ok", None) if c.trusted else ("approx", "dim")
         t.add_row(*map(Text, (c.node, c.quantity, fmt(c.predicted), fmt(c.measured), fmt(c.se),
@@ -191,13 +192,23 @@ def verification_table(v: Verification, show_all: bool = False) -> Group:
         far = max(untrusted, key=lambda c: abs(c.error))
         lines.append(f"{len(untrusted)} predictions rest on approximate rules (not judged): worst {far.node} "
                      f"{far.quantity} ×{far.measured / far.predicted:.3g}\n", style="dim")
+    parts: list[Any] = [t]
+    if v.conditioning:
+        cond = Table(title="layer-wise conditioning (Σx, Σ∇h; κ of the layer's Fisher block ≈ product)",
+                     box=box.SIMPLE_HEAD, title_justify="left")
+        for col in ("layer", "λmax Σx", "κ Σx", "λmax Σ∇h", "κ Σ∇h", "κ product"):
+            cond.add_column(Text(col), justify="left" if col == "layer" else "right", no_wrap=True)
+        for name, row in v.conditioning.items():
+            cond.add_row(*map(Text, (name, fmt(row.get("x_lmax")), fmt(row.get("x_kappa")), fmt(row.get("grad_lmax")),
+                                     fmt(row.get("grad_kappa")), fmt(row.get("kappa")))))
+        parts.append(cond)
     if v.passed:
         lines.append("PASS", style="bold green")
     else:
         names = ", ".join(sorted({c.node for c in v.failures}))
         lines.append(f"FAIL at {names}", style="bold red")
     lines.append(f" ({v.seconds:.1f} s)\n")
-    return Group(t, lines)
+    return Group(*parts, lines)
 
 
 def progress(total: int, console: Console) -> Any:

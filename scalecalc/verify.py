@@ -17,8 +17,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ def threshold(checks: int, draws: int) -> float:
 class Check:
     node: str
     op: str
-    quantity: str  # forward_m2 | backward_m2 | weight_m2 | gamma
+    quantity: str  # forward_m2 | backward_m2 | weight_m2 | gamma | hessian
     predicted: float
     measured: float
     se: float
@@ -70,6 +70,7 @@ class Verification:
     tol: float
     checks: tuple[Check, ...]
     seconds: float
+    conditioning: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def z(self) -> float:
@@ -152,9 +153,15 @@ def resolve_device(device: str) -> str:
 
 
 def verify(net: Network, analysis: Analysis, source: str, *, draws: int = 20, batch: int = 16, seed: int = 0,
-           tol: float = 0.05, device: str = "auto", dtype: str = "float64",
-           on_draw: Callable[[int], None] | None = None) -> Verification:
-    """Measure the module ``source`` emitted for ``net`` and compare with ``analysis``."""
+           tol: float = 0.05, device: str = "auto", dtype: str = "float64", hessian: bool = False,
+           conditioning: bool = False, on_draw: Callable[[int], None] | None = None) -> Verification:
+    """Measure the module ``source`` emitted for ``net`` and compare with ``analysis``.
+
+    ``hessian`` adds, per weighted layer, the average squared singular value of its diagonal
+    Hessian block under the random quadratic loss yᵀRy against Thm 2's γ-based prediction
+    (shown, not judged: Thm 2 holds up to an O(1/width) term). ``conditioning`` adds the
+    layer-wise λmax and κ of Σx, Σ∇h and their product (Huang et al., Prop. 1).
+    """
     from scalecalc.assumptions import check
 
     if net.symbols:
@@ -170,6 +177,17 @@ def verify(net: Network, analysis: Analysis, source: str, *, draws: int = 20, ba
         module = load_module(source, Path(tmp))
         measured = sample(module, nodes, weighted, draws=draws, batch=batch, input_m2=float(net.input_m2),
                           grad_m2=float(net.grad_m2), seed=seed, device=device, dtype=dtype, on_draw=on_draw)
+        blocks, kappas = {}, {}
+        if hessian:
+            from scalecalc.hessian import hessian_blocks
+
+            blocks = hessian_blocks(module, weighted, draws=draws, batch=batch, seed=seed, device=device,
+                                    dtype=dtype, input_m2=float(net.input_m2))
+        if conditioning:
+            from scalecalc.hessian import conditioning as layer_conditioning
+
+            kappas = layer_conditioning(module, weighted, batch=batch, seed=seed, device=device, dtype=dtype,
+                                        input_m2=float(net.input_m2))
     seconds = time.perf_counter() - start
     checks = []
     for name in nodes:
@@ -180,4 +198,11 @@ def verify(net: Network, analysis: Analysis, source: str, *, draws: int = 20, ba
             mean = statistics.fmean(values)
             se = statistics.stdev(values) / math.sqrt(len(values))
             checks.append(Check(name, r.op, quantity, float(getattr(r, quantity)), mean, se, trust[quantity]))
-    return Verification(net.name, device, draws, batch, seed, tol, tuple(checks), seconds)
+    if blocks:
+        from scalecalc.hessian import predicted_hessian
+
+        for name, predicted in predicted_hessian(analysis, net).items():
+            values = blocks[name]
+            se = statistics.stdev(values) / math.sqrt(len(values))
+            checks.append(Check(name, net.node(name).op, "hessian", predicted, statistics.fmean(values), se, False))
+    return Verification(net.name, device, draws, batch, seed, tol, tuple(checks), seconds, kappas)

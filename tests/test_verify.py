@@ -93,3 +93,26 @@ def test_threshold_grows_with_checks_and_shrinks_with_draws() -> None:
     assert threshold(10, 1000) == pytest.approx(3.29, abs=0.05)  # 1% over 10 two-sided checks, normal limit
     assert threshold(100, 20) > threshold(10, 20) > threshold(10, 200)
     assert not math.isnan(threshold(1, 2))
+
+
+def test_cli_hessian_and_conditioning() -> None:
+    out = subprocess.run([*CLI, "verify", str(ROOT / "specs" / "libsvm_mlp.yaml"), "--json", "--draws", "4",
+                          "--device", "cpu", "--hessian", "--conditioning"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    hess = [c for c in doc["checks"] if c["quantity"] == "hessian"]
+    assert {c["node"] for c in hess} == {"fc1", "fc2", "fc3"} and not any(c["trusted"] for c in hess)
+    assert all(0.5 < c["measured"] / c["predicted"] < 2.5 for c in hess), hess  # Thm 2 up to O(1/width)
+    assert set(doc["conditioning"]) == {"fc1", "fc2", "fc3"}
+    assert all(row["x_kappa"] >= 1 and row["grad_kappa"] >= 1 for row in doc["conditioning"].values())
+
+
+def test_cli_paper_fig1(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "fig1.png"
+    out = subprocess.run([*CLI, "paper", "fig1", "-o", str(png), "--setups", "3", "--batch", "32", "--device", "cpu",
+                          "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "median" in out.stdout
