@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from scalecalc import __version__
 from scalecalc.errors import ScalecalcError
 from scalecalc.graph import Network, Node
+from scalecalc.prelude import prelude
 from scalecalc.spec import Layer, Spec
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -159,6 +160,7 @@ class _Writer:
             self.feeds.setdefault(target, []).append((name, index))
         self.present = set(net.order)
         self.classes: dict[str, str] = {}
+        self.skeletons: dict[str, list[_Entry]] = {}  # block name → its forward lines
         self.used_helpers: set[str] = set()
 
     def write(self, digest: str) -> str:
@@ -181,7 +183,7 @@ class _Writer:
                  f'    """{_doc(name)}"""\n\n'
                  "    def __init__(self) -> None:\n        super().__init__()\n"
                  + body + "\n" + forward)
-        return header + _prelude(self.used_helpers) + block_src + model
+        return header + prelude(self.used_helpers) + block_src + model
 
     # -- structure ----------------------------------------------------------------------
 
@@ -216,13 +218,11 @@ class _Writer:
 
     # -- construction -------------------------------------------------------------------
 
-    def _module(self, layer: Layer | None, full: str, indent: int) -> str:
+    def _module(self, full: str) -> str:
+        """The constructor of node ``full``; a layer skipped here (``when``) is the identity."""
         if full not in self.present:
             return "nn.Identity()"
-        node = self.net.node(full)
-        if layer is not None and layer.block is not None:
-            raise AssertionError("blocks are built by _block_expr")
-        code = EMITTERS[node.op](node)
+        code = EMITTERS[self.net.node(full).op](self.net.node(full))
         for helper in HELPERS:
             if code.startswith(helper + "("):
                 self.used_helpers.add(helper)
@@ -237,12 +237,12 @@ class _Writer:
         for inst in instances:
             args = []
             pad = " " * (inner + 4)
-            for entry in self._class_entries(layer.block or ""):
+            for entry in self.skeletons[layer.block or ""]:
                 full = inst + entry.local
                 if entry.layer is not None and entry.layer.block is not None:
                     value = self._block_expr(entry.layer, inst, inner + 4)
                 else:
-                    value = self._module(entry.layer, full, inner + 4)
+                    value = self._module(full)
                 args.append(f"{pad}{entry.local}={value},{self._comment(full, entry.layer)}")
             exprs.append(f"{cls}(\n" + "\n".join(args) + f"\n{' ' * inner})")
         if layer.repeat is None:
@@ -250,22 +250,15 @@ class _Writer:
         pad = " " * (indent + 4)
         return "nn.ModuleList([\n" + "".join(f"{pad}{e},\n" for e in exprs) + f"{' ' * indent}])"
 
-    def _class_entries(self, block_name: str) -> list[_Entry]:
-        return self._class_skeletons[block_name]
-
-    _class_skeletons: dict[str, list[_Entry]]
-
     def _block_class(self, block_name: str, layers: Sequence[Layer]) -> str:
-        if not hasattr(self, "_class_skeletons"):
-            self._class_skeletons = {}
         cls = "".join(part.capitalize() for part in ident(block_name).split("_")) or "Block"
         if cls in HELPERS:
             cls += "Block"
-        if block_name in self._class_skeletons:
+        if block_name in self.skeletons:
             return cls
         prefixes = self._all_instances(block_name)
         entries = self._skeleton(layers, prefixes)
-        self._class_skeletons[block_name] = entries
+        self.skeletons[block_name] = entries
         args = "".join(f"        {e.local}: nn.Module,\n" for e in entries)
         assigns = "".join(f"        self.{e.local} = {e.local}\n" for e in entries)
         self.classes[block_name] = (
@@ -302,10 +295,10 @@ class _Writer:
             if entry.layer is not None and entry.layer.block is not None:
                 value = self._block_expr(entry.layer, prefix, indent)
             else:
-                value = self._module(entry.layer, full, indent)
+                value = self._module(full)
             lines.append(f"{pad}self.{entry.local} = {value}{self._comment(full, entry.layer)}")
         for name, _ in self.feeds.get("", []):
-            lines.append(f"{pad}self.{ident(name)} = {self._module(None, name, indent)}"
+            lines.append(f"{pad}self.{ident(name)} = {self._module(name)}"
                          f"{self._comment(name, None)}")
         return "\n".join(lines) + "\n"
 
@@ -351,93 +344,3 @@ def _clean(text: str) -> str:
 
 def _doc(name: str) -> str:
     return f"The network {name!r}; build with Model() and feed tensors of shape (batch, *INPUT_SHAPE)."
-
-
-_SNIPPETS = {
-    "init_weight": '''
-def init_weight(layer: nn.Module, m2: float, distribution: str) -> nn.Module:
-    """Zero-mean weights with E[W²] = m2 (normal, or uniform on ±√(3·m2)); zero biases."""
-    with torch.no_grad():
-        if distribution == "uniform":
-            bound = math.sqrt(3 * m2)
-            layer.weight.uniform_(-bound, bound)
-        else:
-            layer.weight.normal_(0.0, math.sqrt(m2))
-        if layer.bias is not None:
-            layer.bias.zero_()
-    return layer
-''',
-    "conv": '''
-def conv(n_in, n_out, kernel, stride, padding, bias, m2, distribution="normal") -> nn.Conv2d:
-    return init_weight(nn.Conv2d(n_in, n_out, kernel, stride, padding, bias=bias), m2, distribution)
-''',
-    "linear": '''
-def linear(n_in, n_out, bias, m2, distribution="normal") -> nn.Linear:
-    return init_weight(nn.Linear(n_in, n_out, bias=bias), m2, distribution)
-''',
-    "Scale": '''
-class Scale(nn.Module):
-    """A fixed multiplier y = value·x, stored as a buffer (never trained)."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.register_buffer("value", torch.tensor(value))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.value
-''',
-    "LearnableScale": '''
-class LearnableScale(nn.Module):
-    """A learnable scalar y = u·x (Appendix E)."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor(value))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
-''',
-    "Bias": '''
-class Bias(nn.Module):
-    """A standalone bias, one per channel, starting at zero."""
-
-    def __init__(self, channels: int, spatial: bool) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros((channels, 1, 1) if spatial else (channels,)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bias
-''',
-    "Add": '''
-class Add(nn.Module):
-    """y = Σ wᵢ·xᵢ with fixed weights (all 1 by default)."""
-
-    def __init__(self, weights: tuple[float, ...] | None = None) -> None:
-        super().__init__()
-        self.weights = weights
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        weights = self.weights or (1.0,) * len(xs)
-        return sum(w * x for w, x in zip(weights, xs))
-''',
-    "Concat": '''
-class Concat(nn.Module):
-    """Concatenation along the channel axis."""
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return torch.cat(xs, dim=1)
-''',
-    "GlobalAvgPool": '''
-class GlobalAvgPool(nn.Module):
-    """Mean over the spatial positions: (B, C, H, W) → (B, C)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
-''',
-}
-
-
-def _prelude(used: set[str]) -> str:
-    if used & {"conv", "linear"}:
-        used = used | {"init_weight"}
-    return "".join(_SNIPPETS[name] + "\n" for name in _SNIPPETS if name in used)
