@@ -133,11 +133,16 @@ EXACT["concat"] = ExactRule(_concat_forward, lambda node, xs, dy: (dy,) * len(no
 # --- ReLU family: the arc-cosine kernel --------------------------------------------------
 
 def _acos(x: M, exact: bool) -> M:
-    """arccos, exact (sympy) when the moments are symbolic so closed forms stay closed."""
+    """arccos of a correlation. With symbolic moments the uncorrelated case stays a closed
+    form (θ = π/2: the ReLU mean m/2π); any other correlation that is a plain number is taken
+    numerically, because nested arccos terms would grow without bound through a deep net."""
     if exact:
         import sympy
 
-        return sympy.acos(sympy.sympify(x))
+        value = sympy.sympify(x)
+        if value == 0 or value.free_symbols:
+            return sympy.acos(value)
+        return math.acos(max(-1.0, min(1.0, float(value))))
     return math.acos(max(-1.0, min(1.0, float(x))))
 
 
@@ -146,7 +151,7 @@ def _sympy(value: M) -> bool:
 
 
 def _trig(theta: M) -> tuple[M, M, M]:  # sin, cos and π, exact when theta is sympy
-    if type(theta).__module__.startswith("sympy"):
+    if _sympy(theta):
         import sympy
 
         return sympy.sin(theta), sympy.cos(theta), sympy.pi

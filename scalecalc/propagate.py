@@ -92,13 +92,13 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     for node in net.nodes[1:]:
         out = forward[node.op](node, [fwd[s] for s in node.inputs])
         f = border.get(node.name, (1, 1, 1))[0]
-        fwd[node.name] = State(_finite(tidy(out.m * f), node, "E[x²]"), tidy(out.k * f))
+        fwd[node.name] = State(_finite(tidy(out.m * f), node, "E[x²]"), out.k * f)  # k is not reported: left as built
     bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
     bwd[net.output] = State(net.grad_m2, 0)
     sent: dict[str, tuple[State, ...]] = {}
     for node in reversed(net.nodes[1:]):
         g = bwd[node.name]
-        bwd[node.name] = g = State(_finite(tidy(g.m), node, "E[Δx²]"), tidy(g.k))
+        bwd[node.name] = g = State(_finite(tidy(g.m), node, "E[Δx²]"), g.k)
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(State(s.m * b, s.k * b)
                                 for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
@@ -238,6 +238,9 @@ def _simplifier(net: Network) -> Any:
     import sympy
 
     def tidy(value: M) -> M:
-        return sympy.powsimp(sympy.factor_terms(sympy.cancel(sympy.sympify(value))), force=True)
+        value = sympy.sympify(value)
+        if not value.free_symbols:  # a number: keep it exact, nothing to simplify
+            return value
+        return sympy.powsimp(sympy.factor_terms(sympy.cancel(value)), force=True)
 
     return tidy
