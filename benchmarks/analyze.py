@@ -44,6 +44,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
+TIMEOUT = 300.0  # seconds per subprocess; --timeout
+LONG_RUN = 30.0  # a measurement this slow is not repeated
 HEAVY_MODULES = ("torch", "numpy", "sympy", "networkx", "yaml", "rich", "typer")
 MODULES_MARK = "SCALECALC_BENCH_MODULES="
 # Run the CLI exactly as the console script does, then report what got imported.
@@ -109,11 +111,14 @@ def cli_command() -> tuple[list[str], str]:
             "`python -c 'from scalecalc.cli import main; main()'`")
 
 
-def run_timed(cmd: Sequence[str], timeout: float = 900) -> tuple[float, int, str]:
+def run_timed(cmd: Sequence[str]) -> tuple[float, int, str]:
     """Wall time, exit status and stderr of one subprocess run (stdout discarded)."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          timeout=timeout, cwd=ROOT, check=False)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=TIMEOUT, cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - start, 124, f"timed out after {TIMEOUT:.0f} s"
     return time.perf_counter() - start, proc.returncode, proc.stderr
 
 
@@ -129,6 +134,8 @@ def time_cli(cmd: Sequence[str], repeat: int, warmup: int = 1) -> dict[str, Any]
         if rc != 0:
             return {"rc": rc, "error": _first_error(err), "times": times}
         times.append(elapsed)
+        if elapsed > LONG_RUN:
+            break
     return {"rc": 0, "error": "", "times": times}
 
 
@@ -144,10 +151,13 @@ def stats_cells(result: dict[str, Any]) -> list[str]:
     return [ms(statistics.median(t)), ms(min(t)), ms(max(t)), str(len(t))]
 
 
-def worker(job: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+def worker(job: dict[str, Any]) -> dict[str, Any]:
     """Run one in-process measurement in a fresh interpreter (see ``_worker_main``)."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+                              capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {TIMEOUT:.0f} s"}
     if proc.returncode != 0:
         return {"error": _first_error(proc.stderr) or f"worker exit {proc.returncode}"}
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -162,6 +172,8 @@ def worker_median(job: dict[str, Any], repeat: int) -> dict[str, Any]:
         if "error" in result:
             return result
         runs.append(result)
+        if sum(v for k, v in result.items() if k in PHASES) > LONG_RUN:
+            break
     out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
     out["nodes"] = runs[0]["nodes"]
     out["runs"] = len(runs)
@@ -461,15 +473,23 @@ def section_scaling(sizes: Sequence[int], repeat: int, cli_repeat: int) -> str:
     fits = []
     with tempfile.TemporaryDirectory(prefix="scalecalc-bench-") as tmp:
         for family in FAMILIES:
-            rows, points = [], []
-            for target in sizes:
+            rows, points, skip = [], [], ""
+            for i, target in enumerate(sizes):
+                if skip:
+                    rows.append([f"~{target:,}", "skipped: " + skip, *[""] * 8])
+                    continue
                 path = Path(tmp) / f"{family}_{target}.yaml"
                 path.write_text(synthetic(family, target), encoding="utf-8")
                 log(f"scaling: {family} ~{target} nodes")
                 r = worker_median({"spec": str(path)}, repeat)
                 if "error" in r:
                     rows.append([f"~{target:,}", "error: " + r["error"], *[""] * 8])
+                    skip = "the previous size failed"
                     continue
+                spent = sum(r[k] for k in PHASES)
+                if i + 1 < len(sizes) and spent * sizes[i + 1] / target > TIMEOUT / 2:
+                    skip = (f"~{target:,} nodes took {spent:.0f} s in-process, so "
+                            f"~{sizes[i + 1]:,} would likely pass the {TIMEOUT:.0f} s limit")
                 cli_json = time_cli([*base, "analyze", str(path), "--json"], cli_repeat, warmup=0)
                 cli_table = time_cli([*base, "analyze", str(path)], cli_repeat, warmup=0)
                 core = r["load"] + r["build"] + r["propagate"]
@@ -478,7 +498,7 @@ def section_scaling(sizes: Sequence[int], repeat: int, cli_repeat: int) -> str:
                 points.append((r["nodes"], r["load"], r["build"], r["propagate"], r["json"], r["table"],
                                core, cj, ct))
                 rows.append([f"{r['nodes']:,}", ms(r["load"]), ms(r["build"]), ms(r["propagate"]),
-                             ms(r["json"]), ms(r["table"]), ms(core), f"{core / r['nodes'] * 1e6:.0f}",
+                             ms(r["json"]), ms(r["table"]), ms(core), f"{core / r['nodes'] * 1e6:,.0f}",
                              ms(cj), ms(ct)])
             text.append(f"### {family}\n")
             text.append(md_table(["nodes", "load ms", "build ms", "propagate ms", "json ms", "table ms",
@@ -571,6 +591,7 @@ def section_symbolic(spec: Path, param: str, repeat: int, quick: bool, profile: 
 # --------------------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> None:
+    global TIMEOUT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fast smoke run: fewer sizes and repeats")
@@ -580,8 +601,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--symbolic-param", default="w")
     parser.add_argument("--skip", action="append", default=[], choices=["cold", "scaling", "symbolic"],
                         help="leave out a section (repeatable)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT,
+                        help=f"seconds allowed per subprocess (default {TIMEOUT:.0f})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    TIMEOUT = args.timeout
     if args.worker:
         _worker_main(json.loads(args.worker))
         return

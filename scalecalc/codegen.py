@@ -316,13 +316,16 @@ class _Writer:
     def _forward(self, entries: Sequence[_Entry], after: Sequence[tuple[str, int]]) -> str:
         lines = ["    def forward(self, input: torch.Tensor) -> torch.Tensor:"]
         last = "input"
+        each = "each"  # the loop variable over repetitions, named apart from every node
+        while each in {e.local for e in entries}:
+            each += "_"
         for entry in entries:
             var = _var(entry.local)
             args = ", ".join(_var(s) for s in entry.sources)
             if entry.layer is not None and entry.layer.block is not None and entry.layer.repeat is not None:
                 lines.append(f"        {var} = {args}")
-                lines.append(f"        for block in self.{entry.local}:")
-                lines.append(f"            {var} = block({var})")
+                lines.append(f"        for {each} in self.{entry.local}:")
+                lines.append(f"            {var} = {each}({var})")
             else:
                 lines.append(f"        {var} = self.{entry.local}({args})")
             last = var

@@ -331,10 +331,11 @@ def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, Sta
     two positions no longer average out. ``mask`` is (a, gradient state at the ReLU output).
     """
     t, k2 = node.attrs["taps"], node.attrs["k2"]
-    total = x.m * dy.m * t / k2 + x.k * dy.k * t * (t - k2) / k2**2
+    extra = t - k2 if expr.is_symbolic(t - k2) else max(t - k2, 0)  # a tap used once has no pairs
+    total = x.m * dy.m * t / k2 + x.k * dy.k * t * extra / k2**2
     if mask is not None and node.init is not None:
         a, h = mask
         pi = _trig(x.m)[2] if _sympy(x.m) else math.pi
         own = x.m - x.k  # the position-specific part; the shared part is in the second term
-        total = total + h.k * node.init.m2 * own**2 * (1 - a) ** 2 * t * (t - k2) / (2 * pi * y.m * k2**2)
+        total = total + h.k * node.init.m2 * own**2 * (1 - a) ** 2 * t * extra / (2 * pi * y.m * k2**2)
     return total

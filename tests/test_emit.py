@@ -177,3 +177,26 @@ def test_symbolic_spec_cannot_be_corrected() -> None:
     spec = parse("name: t\ninput: {features: n}\nparams: {n: 4}\nlayers:\n  - {name: fc, op: linear, out: 2}\n")
     with pytest.raises(ScalecalcError, match="numbers"):
         correct(build(spec, symbolic=("n",)))
+
+
+def test_node_names_never_collide_with_generated_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A repeated block named like the loop variable, a layer named `each`, one named `self`."""
+    spec = tmp_path / "names.yaml"
+    spec.write_text("""
+name: names
+input: {channels: 4, size: 8}
+blocks:
+  dense:
+    layers:
+      - {name: conv, op: conv, out: 4, kernel: 3, padding: 1}
+      - {name: self, op: relu}
+layers:
+  - {name: block, block: dense, repeat: 2}
+  - {name: each, block: dense, repeat: 2}
+  - {name: pool, op: global_avgpool}
+  - {name: fc, op: linear, out: 3}
+""")
+    module = load_module(emit(spec), tmp_path, "names_model")
+    model = module.Model()
+    assert model(torch.randn(2, *module.INPUT_SHAPE)).shape == (2, 3)
+    assert isinstance(model.get_submodule("each.1.self"), torch.nn.ReLU)
