@@ -43,6 +43,8 @@ def ident(name: str) -> str:
         raise ScalecalcError(f"name {name!r} cannot be written to Python code")
     if name in MODULE_ATTRS:
         raise ScalecalcError(f"layer name {name!r} clashes with torch.nn.Module.{name}; rename it")
+    if name == "self":
+        raise ScalecalcError("layer name 'self' cannot be written to Python code; rename it")
     return name
 
 
@@ -320,8 +322,8 @@ class _Writer:
         while each in {e.local for e in entries}:
             each += "_"
         for entry in entries:
-            var = _var(entry.local)
-            args = ", ".join(_var(s) for s in entry.sources)
+            var = (entry.local)
+            args = ", ".join((s) for s in entry.sources)
             if entry.layer is not None and entry.layer.block is not None and entry.layer.repeat is not None:
                 lines.append(f"        {var} = {args}")
                 lines.append(f"        for {each} in self.{entry.local}:")
@@ -330,14 +332,10 @@ class _Writer:
                 lines.append(f"        {var} = self.{entry.local}({args})")
             last = var
         for name, _ in after:
-            lines.append(f"        {_var(name)} = self.{ident(name)}({last})")
-            last = _var(name)
+            lines.append(f"        {(name)} = self.{ident(name)}({last})")
+            last = (name)
         lines.append(f"        return {last}")
         return "\n".join(lines) + "\n"
-
-
-def _var(name: str) -> str:
-    return "self_" if name == "self" else name
 
 
 def _clean(text: str) -> str:

@@ -180,7 +180,7 @@ def test_symbolic_spec_cannot_be_corrected() -> None:
 
 
 def test_node_names_never_collide_with_generated_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A repeated block named like the loop variable, a layer named `each`, one named `self`."""
+    """A repeated block named like the loop variable and a layer named `each`; `self` is refused."""
     spec = tmp_path / "names.yaml"
     spec.write_text("""
 name: names
@@ -189,7 +189,7 @@ blocks:
   dense:
     layers:
       - {name: conv, op: conv, out: 4, kernel: 3, padding: 1}
-      - {name: self, op: relu}
+      - {name: act, op: relu}
 layers:
   - {name: block, block: dense, repeat: 2}
   - {name: each, block: dense, repeat: 2}
@@ -199,4 +199,7 @@ layers:
     module = load_module(emit(spec), tmp_path, "names_model")
     model = module.Model()
     assert model(torch.randn(2, *module.INPUT_SHAPE)).shape == (2, 3)
-    assert isinstance(model.get_submodule("each.1.self"), torch.nn.ReLU)
+    assert isinstance(model.get_submodule("each.1.act"), torch.nn.ReLU)
+    spec.write_text(spec.read_text().replace("name: act", "name: self"))
+    out = subprocess.run([*CLI, "emit", "--torch", str(spec)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "'self'" in out.stderr and "Traceback" not in out.stderr
