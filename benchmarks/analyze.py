@@ -487,16 +487,21 @@ def section_scaling(sizes: Sequence[int], repeat: int, cli_repeat: int) -> str:
                     skip = "the previous size failed"
                     continue
                 spent = sum(r[k] for k in PHASES)
-                if i + 1 < len(sizes) and spent * sizes[i + 1] / target > TIMEOUT / 2:
-                    skip = (f"~{target:,} nodes took {spent:.0f} s in-process, so "
-                            f"~{sizes[i + 1]:,} would likely pass the {TIMEOUT:.0f} s limit")
+                if i + 1 < len(sizes) and points:
+                    # extrapolate with the growth seen since the previous size (at least linear)
+                    k = max(1.0, fit_exponent([points[-1][0], r["nodes"]], [points[-1][-1], spent]))
+                    guess = spent * (sizes[i + 1] / target) ** k
+                    if guess > TIMEOUT:
+                        skip = (f"~{target:,} nodes took {spent:.1f} s in-process and grew as nodes^{k:.1f}, "
+                                f"so ~{sizes[i + 1]:,} would take about {guess:.0f} s, past the "
+                                f"{TIMEOUT:.0f} s limit")
                 cli_json = time_cli([*base, "analyze", str(path), "--json"], cli_repeat, warmup=0)
                 cli_table = time_cli([*base, "analyze", str(path)], cli_repeat, warmup=0)
                 core = r["load"] + r["build"] + r["propagate"]
                 cj = statistics.median(cli_json["times"]) if cli_json["rc"] == 0 else float("nan")
                 ct = statistics.median(cli_table["times"]) if cli_table["rc"] == 0 else float("nan")
                 points.append((r["nodes"], r["load"], r["build"], r["propagate"], r["json"], r["table"],
-                               core, cj, ct))
+                               core, cj, ct, spent))
                 rows.append([f"{r['nodes']:,}", ms(r["load"]), ms(r["build"]), ms(r["propagate"]),
                              ms(r["json"]), ms(r["table"]), ms(core), f"{core / r['nodes'] * 1e6:,.0f}",
                              ms(cj), ms(ct)])

@@ -209,6 +209,29 @@ def verify(
     raise typer.Exit(0 if result.passed else 1)
 
 
+@app.command("report")
+def review(
+    spec: Annotated[str, typer.Argument(help="The network spec (YAML).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="review.html (one file) or review.md (+ PNGs).")]
+    = "review.html",
+    with_verify: Annotated[bool, typer.Option("--verify", help="Include a sampled measurement.")] = False,
+    draws: Annotated[int, typer.Option(help="Weight draws for --verify.")] = 8,
+    batch: Annotated[int, typer.Option(help="Samples per draw for --verify.")] = 8,
+    set_: SetOpt = None,
+    output_std: OutStd = DEFAULT_STD,
+    calculus: CalcOpt = "exact",
+) -> None:
+    """A design review of SPEC: summary, corrections, warnings, plots and the per-layer table."""
+    from scalecalc.review import write_report
+
+    try:
+        path = write_report(spec, output, overrides=_overrides(set_), calculus=calculus, verify=with_verify,
+                            draws=draws, batch=batch, output_std=output_std)
+    except ScalecalcError as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
 paper_app = typer.Typer(no_args_is_help=True, help="Reproduce the paper's figures.")
 app.add_typer(paper_app, name="paper")
 

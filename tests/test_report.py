@@ -70,3 +70,13 @@ def test_analyze_does_not_import_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+
+
+def test_report_command_writes_html_and_refuses_other_suffixes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "review.html"
+    out = run("report", str(ROOT / "specs" / "libsvm_mlp.yaml"), "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    assert target.read_text().count("data:image/png;base64,") >= 3
+    bad = run("report", str(ROOT / "specs" / "libsvm_mlp.yaml"), "-o", str(tmp_path / "review.pdf"))
+    assert bad.returncode == 2 and ".html or .md" in bad.stderr and "Traceback" not in bad.stderr
