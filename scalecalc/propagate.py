@@ -8,7 +8,6 @@ Two calculi: ``paper`` (the rule registry, uncentred moments as published) and `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +60,7 @@ class Summary:
 
 
 CALCULI = ("exact", "paper")
+LIMIT = 1e150  # a moment this far from 1 has vanished or exploded; products must stay finite
 VARSIGMA_TOLERANCE = 0.02  # exact calculus: smaller ς drifts (border taps) are not reported as changes
 PAIR_SHARE = 0.1  # γ is trusted as exact only while pair terms stay below this share of E[ΔW²]
 
@@ -108,9 +108,10 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     bwd["input"] = State(tidy(bwd["input"].m), tidy(bwd["input"].k))
     checks = check(net, calculus)
     results, changes = [], []
+    masks = _masks(net, bwd) if exact else {}
     for node in net.nodes:
         result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy, exact,
-                                      _masks(net, bwd) if exact else {}, border.get(node.name, (1, 1, 1))[2])
+                                      masks, border.get(node.name, (1, 1, 1))[2])
         results.append(result)
         if change:
             changes.append(change)
@@ -141,14 +142,13 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
                  sent_states: tuple[State, ...], checks: Checks, tidy: Any, exact: bool,
                  masks: Mapping[str, tuple[M, State]], border: float,
                  ) -> tuple[NodeResult, VarsigmaChange | None]:
-    fwd = {k: v.m for k, v in fwd_states.items()}
-    y, dy = fwd[node.name], bwd_states[node.name].m
+    y, dy = fwd_states[node.name].m, bwd_states[node.name].m
     sent = tuple(g.m for g in sent_states)
     varsigma = tidy(node.shape.size * dy * y)
     if node.op == "input":
         return NodeResult(node.name, "input", (), str(node.shape), y, dy, varsigma), None
     rule = RULES[node.op]
-    xs = [fwd[s] for s in node.inputs]
+    xs = [fwd_states[s].m for s in node.inputs]
     # ς carried into this node: each input's ς counted with the gradient this node sends it
     varsigma_in = tidy(sum(s.size * x * g for s, x, g in zip(node.in_shapes, xs, sent)))
     note = EXACT[node.op].note if exact else rule.note
@@ -186,7 +186,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         else:  # Eq. 7: ρ²·E[Δy²]/E[y²]
             gamma_bias = tidy(node.shape.positions * dy / y)
     change = None
-    ratio = tidy(varsigma / varsigma_in)
+    ratio = tidy(varsigma / varsigma_in) if varsigma_in != 0 else 1  # 0: underflow, nothing to compare
     if not _is_one(ratio, VARSIGMA_TOLERANCE if exact else 1e-9):
         reason = rule.keeps_scaling
         if reason.startswith("keeps"):  # Table 1 says it keeps ς: what the paper's model leaves out
@@ -220,7 +220,7 @@ def _range(values: list[M], tidy: Any) -> tuple[M, M, M]:
 
 def _finite(value: M, node: Node, what: str) -> M:
     """Stop at the first moment that leaves the floating-point range, naming the node."""
-    if not expr.is_symbolic(value) and not 0 < float(value) < math.inf:
+    if not expr.is_symbolic(value) and not LIMIT**-1 < float(value) < LIMIT:
         raise ScalecalcError(f"{node.where}: {what} of {node.name!r} is {float(value):.3g}; the signal "
                              "overflows or vanishes here (check scale values and widths)")
     return value
