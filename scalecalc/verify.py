@@ -109,16 +109,19 @@ def sample(module: Any, nodes: list[str], weighted: list[str], *, draws: int, ba
     out: dict[str, dict[str, list[float]]] = {}
     for draw in range(draws):
         model = module.Model().to(device=device, dtype=kind)
-        kept: dict[str, Any] = {}
-        hooks = [model.get_submodule(n).register_forward_hook(_keeper(n, kept)) for n in nodes]
+        fwd: dict[str, Any] = {}
+        bwd: dict[str, Any] = {}
+        hooks = [model.get_submodule(n).register_forward_hook(_keeper(n, fwd, bwd)) for n in nodes]
         x = torch.randn(batch, *module.INPUT_SHAPE, device=device, dtype=kind) * math.sqrt(input_m2)
         x.requires_grad_(True)
         y = model(x)
         (y * torch.randn_like(y) * math.sqrt(grad_m2)).sum().backward()
-        for n in nodes:
+        forward = torch.stack([fwd[n] for n in nodes]).tolist()  # one device sync per draw
+        backward = torch.stack([bwd[n] for n in nodes]).tolist()
+        for n, f, b in zip(nodes, forward, backward):
             row = out.setdefault(n, {})
-            row.setdefault("forward_m2", []).append(kept[n].detach().square().mean().item())
-            row.setdefault("backward_m2", []).append(kept[n].grad.square().mean().item())
+            row.setdefault("forward_m2", []).append(f)
+            row.setdefault("backward_m2", []).append(b)
         for n in weighted:
             w = model.get_submodule(n).weight
             m2 = w.detach().square().mean().item()
@@ -132,10 +135,14 @@ def sample(module: Any, nodes: list[str], weighted: list[str], *, draws: int, ba
     return out
 
 
-def _keeper(name: str, kept: dict[str, Any]) -> Callable[..., None]:
+def _keeper(name: str, fwd: dict[str, Any], bwd: dict[str, Any]) -> Callable[..., None]:
+    """Record a node's mean squares as they pass: its output now, its gradient in backward.
+
+    Only two scalars per node are kept, so measuring costs little memory beyond autograd's.
+    """
     def hook(module: Any, args: Any, output: Any) -> None:
-        output.retain_grad()
-        kept[name] = output
+        fwd[name] = output.detach().square().mean()
+        output.register_hook(lambda grad: bwd.__setitem__(name, grad.detach().square().mean()))
 
     return hook
 
