@@ -34,7 +34,6 @@ POOLS = frozenset({"avgpool", "global_avgpool"})
 ADDS_MEAN = frozenset({"relu", "leaky_relu", "sigmoid", "gelu", "maxpool"})
 MAKES_SYMMETRIC = frozenset({"conv", "linear"})
 WINDOWS = frozenset({"conv", "avgpool", "maxpool"})
-TO_VECTOR = frozenset({"global_avgpool", "flatten", "linear"})
 BORDER_TOLERANCE = 0.03  # the accuracy asked of exact rules
 Profile = tuple[tuple[float, ...], tuple[float, ...]]  # per-axis relative moments, mean 1
 
@@ -63,23 +62,22 @@ def check(net: Network, calculus: str = "exact") -> Checks:
     bad: dict[str, set[str]] = {"forward": set(), "backward": set(), "gamma": set()}
     shared = _shared_randomness(net)
     grad_free = _uncorrelated_gradients(net)
+    paper = calculus == "paper"  # the exact calculus tracks means and shared gradients itself
     for node in net.nodes:
         if not node.inputs:
             symmetric[node.name] = mean_free[node.name] = True
             continue
         sym_in = all(symmetric[s] for s in node.inputs)
         free_in = all(mean_free[s] for s in node.inputs)
-        if calculus == "exact":
-            sym_in = free_in = grad_free[node.name] = True
-        if node.op in NEEDS_SYMMETRIC and not sym_in:
+        if paper and node.op in NEEDS_SYMMETRIC and not sym_in:
             notes[node.name].append(f"{node.op}: input not symmetric about zero; approximate")
             bad["forward"].add(node.name)
             bad["backward"].add(node.name)
-        if node.op in POOLS and not free_in:
+        if paper and node.op in POOLS and not free_in:
             notes[node.name].append(f"{node.op}: input positions share a per-channel mean (ReLU above), "
                                     "which pooling keeps; under-predicts")
             bad["forward"].add(node.name)
-        if node.op == "conv" and not free_in and not grad_free[node.name]:
+        if paper and node.op == "conv" and not free_in and not grad_free[node.name]:
             notes[node.name].append("conv: input and gradient both correlated across positions "
                                     "(ReLU above, pooling below); γ approximate")
             bad["gamma"].add(node.name)
@@ -92,7 +90,7 @@ def check(net: Network, calculus: str = "exact") -> Checks:
                                     "(rule assumes uncorrelated)")
             bad["forward"].add(node.name)
             bad["backward"].add(node.name)
-    if not net.symbols and calculus != "exact":  # the exact calculus applies these factors itself
+    if not net.symbols and paper:  # the exact calculus applies these factors itself
         for name, (fwd, bwd, _) in border_factors(net).items():
             for error, what in ((fwd, "input"), (bwd, "gradient")):
                 if abs(error - 1) > BORDER_TOLERANCE:

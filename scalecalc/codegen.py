@@ -322,7 +322,7 @@ class _Writer:
         while each in {e.local for e in entries}:
             each += "_"
         for entry in entries:
-            var = (entry.local)
+            var = entry.local
             args = ", ".join((s) for s in entry.sources)
             if entry.layer is not None and entry.layer.block is not None and entry.layer.repeat is not None:
                 lines.append(f"        {var} = {args}")
@@ -332,8 +332,8 @@ class _Writer:
                 lines.append(f"        {var} = self.{entry.local}({args})")
             last = var
         for name, _ in after:
-            lines.append(f"        {(name)} = self.{ident(name)}({last})")
-            last = (name)
+            lines.append(f"        {name} = self.{ident(name)}({last})")
+            last = name
         lines.append(f"        return {last}")
         return "\n".join(lines) + "\n"
 

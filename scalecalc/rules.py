@@ -228,7 +228,7 @@ class MaxPool:
 
     @staticmethod
     def forward(node: Node, xs: Sequence[M]) -> M:
-        window = round(expr_float(node.attrs["taps"] / node.shape.positions))
+        window = round(float(node.attrs["taps"] / node.shape.positions))
         return _max_m2(window) * xs[0]
 
     backward = staticmethod(_one(lambda node, dy: dy * node.shape.positions / node.in_shapes[0].positions))
@@ -321,7 +321,3 @@ def _max_m2(k: int) -> float:
     """E[max(z₁..z_k)²] for iid standard normals: ∫ z²·k·φ(z)·Φ(z)^(k−1) dz."""
     nodes, weights = _hermite()
     return sum(w * z * z * k * _phi(z) ** (k - 1) for z, w in zip(nodes, weights))
-
-
-def expr_float(value: M) -> float:
-    return float(value)
