@@ -31,7 +31,7 @@ import networkx as nx
 from scalecalc import expr
 from scalecalc.assumptions import border_factors
 from scalecalc.errors import ScalecalcError
-from scalecalc.exact import EXACT, State
+from scalecalc.exact import EXACT, State, scaled
 from scalecalc.graph import Network, Node
 from scalecalc.init import Init, weight_m2
 from scalecalc.propagate import Analysis, propagate
@@ -135,12 +135,12 @@ def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str) 
             plan.out = _move(plan.out, value, change)
         elif calculus == "exact":
             out, f = EXACT[node.op].forward(node, ins), border.get(node.name, (1, 1, 1))[0]
-            states[node.name] = State(out.m * f, out.k * f)
+            states[node.name] = scaled(out, f)
             continue
         else:
             states[node.name] = State(RULES[node.op].forward(node, xs), 0)
             continue
-        states[node.name] = State(value**2 * ins[0].m, value**2 * ins[0].k)
+        states[node.name] = scaled(ins[0], value**2)
     return max(change)
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from scalecalc import expr
+from scalecalc.gaussian import cdf, gauss, max_m2, max_mean, pair, rectified_max
 from scalecalc.graph import Node
-from scalecalc.rules import BN_EPS, RULES, _gauss, _hermite, _max_m2, _phi, _sigmoid
+from scalecalc.rules import BN_EPS, RULES, _sigmoid
 
 M = Any
 
@@ -31,6 +32,13 @@ M = Any
 class State:
     m: M  # E[x²]
     k: M  # E[x_p·x_q], p ≠ q, same channel
+    # forward: E[x_p·x_q] for neighbouring positions where it differs from k (small padded maps)
+    near: M | None = None
+    # forward, at a (leaky) ReLU's output: its slope and its Gaussian input, for max pooling
+    rectified: tuple[M, State] | None = None
+    # backward, sent by max pooling to a (leaky) ReLU's output: E[f'(x)²] and E[f'(x_p)f'(x_q)]
+    # at the positions the pool routes the gradient to (its window maxima), not ½
+    gate: tuple[M, M] | None = None
 
 
 ExactForward = Callable[[Node, Sequence[State]], State]
@@ -51,13 +59,23 @@ def _ratio(a: M, b: M) -> M:
     return 0 if b == 0 else a / b
 
 
+def scaled(x: State, factor: M, rectified: bool = True) -> State:
+    """x with every second moment multiplied by ``factor``; a positive multiple of a
+    (leaky) ReLU's output is that ReLU of the same multiple of its input."""
+    near = None if x.near is None else factor * x.near
+    pre = x.rectified if rectified and x.rectified is not None else None
+    return State(factor * x.m, factor * x.k, near=near,
+                 rectified=None if pre is None else (pre[0], scaled(pre[1], factor)))
+
+
 def _paper(op: str) -> ExactRule:
     """Ops that scale every position alike: m and k (g and gk) move by the same factor."""
     rule = RULES[op]
 
     def forward(node: Node, xs: Sequence[State]) -> State:
         m = rule.forward(node, [x.m for x in xs])
-        return State(m, _ratio(m, xs[0].m) * xs[0].k)
+        positive = op != "scale" or expr.is_symbolic(node.attrs["value"]) or node.attrs["value"] > 0
+        return scaled(xs[0], _ratio(m, xs[0].m), rectified=positive and op != "flatten")
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         gs = rule.backward(node, [x.m for x in xs], dy.m)
@@ -81,7 +99,27 @@ def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State
     return (State(g, _ratio(g, dy.m) * dy.k / (sh * sw)),)
 
 
-EXACT["conv"] = ExactRule(_paper("conv").forward, _conv_backward)
+def _conv_forward(node: Node, xs: Sequence[State]) -> State:
+    """m' as Eq. 9 (exact taps);  k' = k·(m'/m)·s_all,  near' = near·(m'/m)·s_near.
+
+    y_p = Σ_{c,t} W_ct·x_{c,p+t}: only equal taps t pair up, so two outputs p ≠ q of a
+    channel share the input covariance through the taps real for both. On a large map that is
+    every tap; on a small padded map (2×2 under a 3×3 kernel) far fewer, and on a 1×1 map
+    there is no pair. s_all and s_near are those common taps relative to the mean taps of one
+    output, over all pairs and over neighbours (``shapes._tap_shares``). With stride 1,
+    neighbouring outputs read neighbouring inputs.
+    """
+    x, (s_all, s_near) = xs[0], node.attrs["shares"]
+    m = RULES["conv"].forward(node, [x.m])
+    source = _near(x) if node.attrs["stride"] == (1, 1) else x.k
+    return State(m, _ratio(m, x.m) * x.k * s_all, near=_ratio(m, x.m) * source * s_near)
+
+
+def _near(x: State) -> M:
+    return x.k if x.near is None else x.near
+
+
+EXACT["conv"] = ExactRule(_conv_forward, _conv_backward)
 
 
 def _vector_out(op: str) -> ExactRule:
@@ -158,6 +196,14 @@ def _trig(theta: M) -> tuple[M, M, M]:  # sin, cos and π, exact when theta is s
     return math.sin(theta), math.cos(theta), math.pi
 
 
+def _arccos_kernel(m: M, k: M, a: M) -> M:
+    theta = _acos(_ratio(k, m), _sympy(m))
+    sin, cos, pi = _trig(theta)
+    j_same = m * (sin + (pi - theta) * cos) / (2 * pi)
+    j_flip = m * (sin - theta * cos) / (2 * pi)  # J at correlation −k/m
+    return (1 + a**2) * j_same - 2 * a * j_flip
+
+
 def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
     def forward(node: Node, xs: Sequence[State]) -> State:
         """m' = (1+a²)m/2;  k' = (1+a²)·J(θ) − 2a·J(π−θ),  J(θ) = m(sin θ + (π−θ)cos θ)/2π, cos θ = k/m.
@@ -166,15 +212,18 @@ def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
         (the arc-cosine kernel of degree 1); leaky ReLU is relu(x) − a·relu(−x).
         """
         a, x = slope_of(node), xs[0]
-        theta = _acos(_ratio(x.k, x.m), _sympy(x.m))
-        sin, cos, pi = _trig(theta)
-        j_same = x.m * (sin + (pi - theta) * cos) / (2 * pi)
-        j_flip = x.m * (sin - theta * cos) / (2 * pi)  # J at correlation −k/m
-        return State((1 + a**2) * x.m / 2, (1 + a**2) * j_same - 2 * a * j_flip)
+        near = None if x.near is None else _arccos_kernel(x.m, x.near, a)
+        return State((1 + a**2) * x.m / 2, _arccos_kernel(x.m, x.k, a), near=near, rectified=(a, x))
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
-        """g' = (1+a²)g/2;  gk' = gk·((1+a²)(π−θ) + 2aθ)/2π: both units open with prob. (π−θ)/2π."""
+        """g' = (1+a²)g/2;  gk' = gk·((1+a²)(π−θ) + 2aθ)/2π: both units open with prob. (π−θ)/2π.
+
+        Under a max pool the gradient reaches only window maxima, which are open more often:
+        the pool sends the gate E[f'(x)²], E[f'(x_p)f'(x_q)] at those positions instead.
+        """
         a, x = slope_of(node), xs[0]
+        if dy.gate is not None:
+            return (State(dy.m * dy.gate[0], dy.k * dy.gate[1]),)
         theta = _acos(_ratio(x.k, x.m), _sympy(x.m))
         pi = _trig(theta)[2]
         return (State((1 + a**2) * dy.m / 2, dy.k * ((1 + a**2) * (pi - theta) + 2 * a * theta) / (2 * pi)),)
@@ -229,24 +278,40 @@ EXACT["global_avgpool"] = ExactRule(
 )
 
 
+def _window(node: Node) -> int:
+    return round(float(node.attrs["taps"] / node.shape.positions))
+
+
 def _maxpool_forward(node: Node, xs: Sequence[State]) -> State:
-    """max = b + max(z): m' = k + (m−k)·μ₂(K),  k' = k + (m−k)·μ₁(K)²   (μ: moments of a max of K normals)."""
-    window = round(float(node.attrs["taps"] / node.shape.positions))
+    """max = b + max(z): m' = k + (m−k)·μ₂(K),  k' = k + (m−k)·μ₁(K)²   (μ: moments of a max of K normals).
+
+    After a (leaky) ReLU f, which is increasing, max f(xᵢ) = f(max xᵢ) = f(b + max z): the
+    moments come from the ReLU's Gaussian input (``rectified_max``), not from its output.
+    """
     x = xs[0]
-    mu1 = _max_mean(window)
-    return State(x.k + (x.m - x.k) * _max_m2(window), x.k + (x.m - x.k) * mu1**2)
+    if x.rectified is not None and not _symbolic_ratio(x.rectified[1]):
+        a, pre = x.rectified
+        f2, _, _, _ = rectified_max(_window(node), float(_ratio(_near(pre), pre.m)), float(a))
+        f_pair = rectified_max(_window(node), float(_ratio(pre.k, pre.m)), float(a))[1]
+        return State(pre.m * f2, pre.m * f_pair)
+    mu1 = max_mean(_window(node))
+    return State(x.k + (x.m - x.k) * max_m2(_window(node)), x.k + (x.m - x.k) * mu1**2)
 
 
 def _maxpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
-    """Each window routes its gradient to its arg-max: g' = g·ρ'²/ρ², pairs across windows ×1/K²."""
-    window = round(float(node.attrs["taps"] / node.shape.positions))
+    """Each window routes its gradient to its arg-max: g' = g·ρ'²/ρ², pairs across windows ×1/K²;
+    after a (leaky) ReLU, with the gate that ReLU applies at window maxima."""
+    window, x = _window(node), xs[0]
     share = node.shape.positions / node.in_shapes[0].positions
-    return (State(dy.m * share, dy.k * share / window),)
+    gate = None
+    if x.rectified is not None and not _symbolic_ratio(x.rectified[1]):
+        a, pre = x.rectified
+        gate = rectified_max(window, float(_ratio(_near(pre), pre.m)), float(a))[2:]
+    return (State(dy.m * share, dy.k * share / window, gate=gate),)
 
 
-def _max_mean(k: int) -> float:
-    nodes, weights = _hermite()
-    return sum(w * z * k * _phi(z) ** (k - 1) for z, w in zip(nodes, weights))
+def _symbolic_ratio(x: State) -> bool:
+    return expr.is_symbolic(_ratio(x.k, x.m)) or expr.is_symbolic(_ratio(_near(x), x.m))
 
 
 EXACT["maxpool"] = ExactRule(_maxpool_forward, _maxpool_backward, "maxpool: Gaussian order statistics (approximate)")
@@ -275,17 +340,6 @@ EXACT["layernorm"] = ExactRule(
 
 # --- smooth activations ------------------------------------------------------------------
 
-def _pair(f: Callable[[float], float], m: float, k: float) -> float:
-    """E[f(u)f(v)] for a centred Gaussian pair with variance m and covariance k ≥ 0."""
-    nodes, weights = _hermite()
-    shared, own = math.sqrt(max(k, 0.0)), math.sqrt(max(m - k, 0.0))
-    total = 0.0
-    for z0, w0 in zip(nodes, weights):
-        inner = sum(w * f(shared * z0 + own * z) for z, w in zip(nodes, weights))
-        total += w0 * inner * inner
-    return total
-
-
 def _smooth(op: str, f: Callable[[float], float], df: Callable[[float], float]) -> ExactRule:
     paper = RULES[op]
 
@@ -294,22 +348,22 @@ def _smooth(op: str, f: Callable[[float], float], df: Callable[[float], float]) 
         if expr.is_symbolic(x.m) or expr.is_symbolic(x.k):
             m = paper.forward(node, [x.m])
             return State(m, _ratio(m, x.m) * x.k)
-        return State(_gauss(f, float(x.m)), _pair(f, float(x.m), float(x.k)))
+        return State(gauss(f, float(x.m)), pair(f, float(x.m), float(x.k)))
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         x = xs[0]
         if expr.is_symbolic(x.m) or expr.is_symbolic(x.k):
             g = paper.backward(node, [x.m], dy.m)[0]
             return (State(g, _ratio(g, dy.m) * dy.k),)
-        return (State(_gauss(df, float(x.m)) * dy.m, _pair(df, float(x.m), float(x.k)) * dy.k),)
+        return (State(gauss(df, float(x.m)) * dy.m, pair(df, float(x.m), float(x.k)) * dy.k),)
 
     return ExactRule(forward, backward, f"{op}: Gaussian-input quadrature")
 
 
 EXACT["tanh"] = _smooth("tanh", math.tanh, lambda x: 1 - math.tanh(x) ** 2)
 EXACT["sigmoid"] = _smooth("sigmoid", _sigmoid, lambda x: _sigmoid(x) * (1 - _sigmoid(x)))
-EXACT["gelu"] = _smooth("gelu", lambda x: x * _phi(x),
-                        lambda x: _phi(x) + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi))
+EXACT["gelu"] = _smooth("gelu", lambda x: x * cdf(x),
+                        lambda x: cdf(x) + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi))
 
 
 def bias_grad_m2(node: Node, dy: State) -> M:

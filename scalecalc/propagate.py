@@ -9,13 +9,13 @@ Two calculi: ``paper`` (the rule registry, uncentred moments as published) and `
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from scalecalc import expr
 from scalecalc.assumptions import Checks, border_factors, check
 from scalecalc.errors import ScalecalcError
-from scalecalc.exact import EXACT, State, bias_grad_m2, weight_grad_m2
+from scalecalc.exact import EXACT, State, bias_grad_m2, scaled, weight_grad_m2
 from scalecalc.graph import Network, Node
 from scalecalc.rules import RULES, Rule
 
@@ -93,18 +93,20 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     for node in net.nodes[1:]:
         out = forward[node.op](node, [fwd[s] for s in node.inputs])
         f = border.get(node.name, (1, 1, 1))[0]
-        fwd[node.name] = State(_finite(tidy(out.m * f), node, "E[x²]"), out.k * f)  # k is not reported: left as built
+        out = scaled(out, f)
+        fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
     bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
     bwd[net.output] = State(net.grad_m2, 0)
     sent: dict[str, tuple[State, ...]] = {}
     for node in reversed(net.nodes[1:]):
         g = bwd[node.name]
-        bwd[node.name] = g = State(_finite(tidy(g.m), node, "E[Δx²]"), g.k)
+        bwd[node.name] = g = replace(g, m=_finite(tidy(g.m), node, "E[Δx²]"))
         b = border.get(node.name, (1, 1, 1))[1]
-        sent[node.name] = tuple(State(s.m * b, s.k * b)
+        sent[node.name] = tuple(replace(s, m=s.m * b, k=s.k * b)
                                 for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
         for src, grad in zip(node.inputs, sent[node.name]):
-            bwd[src] = State(bwd[src].m + grad.m, bwd[src].k + grad.k)
+            # a gate holds for the gradient of one reader only; with several it is dropped (½ again)
+            bwd[src] = grad if bwd[src] == State(0, 0) else State(bwd[src].m + grad.m, bwd[src].k + grad.k)
     bwd["input"] = State(tidy(bwd["input"].m), tidy(bwd["input"].k))
     checks = check(net, calculus)
     results, changes = [], []

@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from scalecalc import expr
+from scalecalc.gaussian import cdf, gauss, max_m2
 from scalecalc.graph import Node
 
 M = Any  # a second moment: int | float | sympy.Expr
@@ -229,7 +229,7 @@ class MaxPool:
     @staticmethod
     def forward(node: Node, xs: Sequence[M]) -> M:
         window = round(float(node.attrs["taps"] / node.shape.positions))
-        return _max_m2(window) * xs[0]
+        return max_m2(window) * xs[0]
 
     backward = staticmethod(_one(lambda node, dy: dy * node.shape.positions / node.in_shapes[0].positions))
 
@@ -275,13 +275,13 @@ def _smooth(op: str, f: Callable[[float], float], df: Callable[[float], float], 
         def forward(node: Node, xs: Sequence[M]) -> M:
             if expr.is_symbolic(xs[0]):
                 return offset0**2 + slope0**2 * xs[0]
-            return _gauss(f, float(xs[0]))
+            return gauss(f, float(xs[0]))
 
         @staticmethod
         def backward(node: Node, xs: Sequence[M], dy: M) -> Sequence[M]:
             if expr.is_symbolic(xs[0]):
                 return (slope0**2 * dy,)
-            return (_gauss(df, float(xs[0])) * dy,)
+            return (gauss(df, float(xs[0])) * dy,)
 
     rule(op, exact=False, keeps="does not keep ς (Table 1)", source="derivation: Gaussian input",
          note=f"{op}: Gaussian-input approximation")(Smooth)
@@ -291,33 +291,9 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x > -700 else 0.0
 
 
-def _phi(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2))
-
-
 _smooth("tanh", math.tanh, lambda x: 1 - math.tanh(x) ** 2, 1, 0)
 _smooth("sigmoid", _sigmoid, lambda x: _sigmoid(x) * (1 - _sigmoid(x)), 0.25, 0.5)
-_smooth("gelu", lambda x: x * _phi(x),
-        lambda x: _phi(x) + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi), 0.5, 0)
+_smooth("gelu", lambda x: x * cdf(x),
+        lambda x: cdf(x) + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi), 0.5, 0)
 
 
-@lru_cache(maxsize=1)
-def _hermite() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    import numpy as np
-
-    nodes, weights = np.polynomial.hermite_e.hermegauss(96)
-    return tuple(nodes.tolist()), tuple((weights / math.sqrt(2 * math.pi)).tolist())
-
-
-def _gauss(f: Callable[[float], float], var: float) -> float:
-    """E[f(z)²] for z ~ N(0, var)."""
-    nodes, weights = _hermite()
-    sd = math.sqrt(var)
-    return sum(w * f(sd * z) ** 2 for z, w in zip(nodes, weights))
-
-
-@lru_cache(maxsize=64)
-def _max_m2(k: int) -> float:
-    """E[max(z₁..z_k)²] for iid standard normals: ∫ z²·k·φ(z)·Φ(z)^(k−1) dz."""
-    nodes, weights = _hermite()
-    return sum(w * z * z * k * _phi(z) ** (k - 1) for z, w in zip(nodes, weights))

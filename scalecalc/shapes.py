@@ -23,14 +23,52 @@ def taps_1d(size: Any, k: Any, s: Any, p: Any, out: Any) -> Any:
     """Number of (output position, tap) pairs along one axis that hit real input."""
     if p == 0:
         return k * out  # no padding: every tap of every window is inside
+    return sum(_tap_counts(size, k, s, p, out))
+
+
+def _tap_counts(size: Any, k: Any, s: Any, p: Any, out: Any) -> list[int]:
+    """Per kernel tap a, the number of output positions whose tap a hits real input."""
     if any(expr.is_symbolic(v) for v in (size, k, s, p)):
         raise ScalecalcError("padding needs numeric size, kernel and stride to count border taps")
-    total = 0
+    counts = []
     for a in range(k):
         lo = max(0, -((a - p) // s))  # ceil((p − a)/s)
         hi = min(out - 1, (size - 1 + p - a) // s)
-        total += max(0, hi - lo + 1)
-    return total
+        counts.append(max(0, hi - lo + 1))
+    return counts
+
+
+def _tap_shares(h: tuple[Any, ...], w: tuple[Any, ...], positions: Any, taps: Any) -> tuple[Any, Any]:
+    """How many taps two outputs of a window have in common (both real), relative to the mean
+    taps T/P of one output: averaged over all pairs p ≠ q, and over neighbours (offsets
+    (0,1), (1,0), (1,1)). Both are 1 without padding; on a 1×1 map there is no pair (0).
+
+    Per axis, with c_a the outputs whose tap a is real: Σ_{i,j} common = Σ_a c_a², and over
+    neighbours (i, i+1) it is Σ_a #{i : tap a real at i and i+1}.
+    """
+    if h[3] == 0 and w[3] == 0:
+        return 1, 1
+    if positions == 1:
+        return 0, 0
+    (oh, sq_h, nb_h), (ow, sq_w, nb_w) = _axis_sums(*h), _axis_sums(*w)
+    mean_taps = taps / positions
+    all_pairs = (sq_h * sq_w - taps) / ((positions - 1) * taps)
+    per_axis = {(0, "h"): taps_1d(*h) / oh, (0, "w"): taps_1d(*w) / ow}  # offset 0: one output's taps
+    if oh > 1:
+        per_axis[1, "h"] = nb_h / (oh - 1)
+    if ow > 1:
+        per_axis[1, "w"] = nb_w / (ow - 1)
+    near = [per_axis[dh, "h"] * per_axis[dw, "w"] / mean_taps for dh, dw in ((0, 1), (1, 0), (1, 1))
+            if (dh, "h") in per_axis and (dw, "w") in per_axis]
+    return all_pairs, sum(near) / len(near)
+
+
+def _axis_sums(size: int, k: int, s: int, p: int, out: int) -> tuple[int, int, int]:
+    """(out, Σ_a c_a², Σ_a #{i : tap a real at i and i+1}); c_a as in ``_tap_counts``."""
+    size, k, s, p, out = (int(v) for v in (size, k, s, p, out))
+    real = [[0 <= s * i - p + a < size for i in range(out)] for a in range(k)]
+    return (out, sum(sum(r) ** 2 for r in real),
+            sum(r[i] and r[i + 1] for r in real for i in range(out - 1)))
 
 
 def _window(name: str, attrs: Mapping[str, Any], shape: Any) -> tuple[Any, dict[str, Any]]:
@@ -48,7 +86,8 @@ def _window(name: str, attrs: Mapping[str, Any], shape: Any) -> tuple[Any, dict[
             raise ScalecalcError(f"padding {p} is more than half the kernel {k}")
         out.append(expr.evaluate("(size + 2*p - k)//s + 1", {"size": size, "p": p, "k": k, "s": s}))
     taps = taps_1d(shape.h, kh, sh, ph, out[0]) * taps_1d(shape.w, kw, sw, pw, out[1])
-    extra = {"stride": (sh, sw), "k2": kh * kw, "k": expr.sqrt(kh * kw), "taps": taps}
+    shares = _tap_shares((shape.h, kh, sh, ph, out[0]), (shape.w, kw, sw, pw, out[1]), out[0] * out[1], taps)
+    extra = {"stride": (sh, sw), "k2": kh * kw, "k": expr.sqrt(kh * kw), "taps": taps, "shares": shares}
     return Shape(shape.channels, out[0], out[1]), extra
 
 

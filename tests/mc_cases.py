@@ -270,3 +270,74 @@ layers:
   - {name: fc, op: linear, out: 512}
 """, batch=16, draws=32, seed=21)),
 }
+
+#: Combinations where the paper's assumptions fail and the exact calculus must still hold
+#: (name → case). A case whose every rule the calculus marks exact is held to EXACT_TOL and
+#: N_SE (with N_SE standard errors below EXACT_TOL: the per-sample bias gradients of these
+#: small nets are too noisy for 2/3 of it at a test's cost); the others, which use an
+#: approximate rule (flagged in the node's notes), to their ``tol``.
+COMBO_CASES: dict[str, MCCase] = {
+    # conv1 reads the iid input, so its outputs are centred and independent across
+    # positions; the ReLU gives each a mean √(E[y²]/2π) that the 2×2 average keeps whole:
+    # E[pool²] = (E[y²]/2 + 3·E[y²]/2π)/4 = 0.244·E[y²], twice the paper's E[y²]/8.
+    "relu_then_avgpool": MCCase("""
+name: mc-relu-avgpool
+input: {channels: 16, size: 16}
+layers:
+  - {name: conv1, op: conv, out: 64, kernel: 3, bias: false}
+  - {name: relu, op: relu}
+  - {name: pool, op: avgpool, kernel: 2}
+  - {name: conv2, op: conv, out: 256, kernel: 1}
+""", batch=16, draws=128, seed=30),
+    # max(relu(x)) = relu(max(x)); the gradient reaches only window maxima, open with
+    # probability ≈ 15/16, not ½. Order statistics of Gaussians: approximate, 5%.
+    "relu_then_maxpool": MCCase("""
+name: mc-relu-maxpool
+input: {channels: 16, size: 16}
+layers:
+  - {name: conv1, op: conv, out: 64, kernel: 3, bias: false}
+  - {name: relu, op: relu}
+  - {name: pool, op: maxpool, kernel: 2}
+  - {name: conv2, op: conv, out: 256, kernel: 1}
+""", batch=16, draws=128, seed=31, tol=0.05),
+    # pre-activation residual block: the identity carries the stem's output around a
+    # ReLU-conv-ReLU-conv branch; the branch passes through random convs after the fork,
+    # so the two summands (and, backward, the two gradients at the stem) are uncorrelated.
+    "residual_add": MCCase("""
+name: mc-residual-add
+input: {channels: 32, size: 8}
+layers:
+  - {name: stem, op: conv, out: 64, kernel: 1, bias: false}
+  - {name: relu1, op: relu}
+  - {name: conv1, op: conv, out: 64, kernel: 3, padding: 1, bias: false}
+  - {name: relu2, op: relu}
+  - {name: conv2, op: conv, out: 64, kernel: 1, bias: false}
+  - {name: merge, op: add, from: [stem, conv2]}
+  - {name: relu3, op: relu}
+  - {name: head, op: conv, out: 256, kernel: 1}
+""", batch=4, draws=768, seed=32),
+    # dense connectivity: a ReLU output concatenated with a conv of itself; the concat's
+    # channel groups have different moments and the ReLU gets two gradients (concat, conv),
+    # uncorrelated because conv2 weighs the two groups with independent weights
+    "concat_correlated": MCCase("""
+name: mc-concat-correlated
+input: {channels: 32, size: 6}
+layers:
+  - {name: conv1, op: conv, out: 64, kernel: 1, bias: false}
+  - {name: relu, op: relu}
+  - {name: grow, op: conv, out: 32, kernel: 1, bias: false, init: {scheme: fan_in, gain: 4}}
+  - {name: cat, op: concat, from: [relu, grow]}
+  - {name: conv2, op: conv, out: 256, kernel: 1}
+""", batch=16, draws=256, seed=33),
+    # train-mode batchnorm then GELU (quadrature in the Gaussian approximation); BN's
+    # backward ignores its projection terms and E[1/σ_c²] > 1/E[σ_c²] (≈1.4%, Jensen): 5%.
+    "batchnorm_then_gelu": MCCase("""
+name: mc-bn-gelu
+input: {channels: 16, size: 10}
+layers:
+  - {name: conv1, op: conv, out: 32, kernel: 3, bias: false}
+  - {name: bn, op: batchnorm}
+  - {name: act, op: gelu}
+  - {name: conv2, op: conv, out: 256, kernel: 1}
+""", batch=16, draws=128, seed=34, tol=0.05),
+}
