@@ -88,31 +88,43 @@ for _op in ("scale", "bias", "identity", "flatten"):
     EXACT[_op] = _paper(_op)
 
 
-def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
-    """g as in Eq. 10 (exact taps); gk' = gk·(g'/g)/(s_h·s_w).
+def _shared_taps(node: Node, positions: M) -> M:
+    """Common taps of two different positions (outputs, or inputs for the backward pass),
+    relative to the mean taps of one: (S − T)/((P − 1)·T) with S from ``shapes._tap_pairs``.
 
-    Two input positions receive a common weight only if they sit on the same lattice of the
-    stride (i ≡ j mod s), a fraction 1/s² of the pairs; the others share nothing.
+    Forward, y_p = Σ_{c,t} W_ct·x_{c,p+t} and only equal taps pair up, so outputs p ≠ q share
+    the input covariance through the taps real for both; backward, an input pair shares the
+    gradient covariance through the taps t for which both reach a real output. Each real
+    (output, tap) pair is one (input, tap) pair, so both sides count the same S and T. On a
+    large map S − T ≈ T²/P (every tap shared; 1/s² of input pairs with stride s); on a small
+    padded map far fewer (2×2 under a padded 3×3: 1.7 of 4 taps); no pair on a 1×1 map.
     """
-    g = RULES["conv"].backward(node, [xs[0].m], dy.m)[0]
-    sh, sw = node.attrs["stride"]
-    return (State(g, _ratio(g, dy.m) * dy.k / (sh * sw)),)
+    if positions == 1:
+        return 0
+    taps = node.attrs["taps"]
+    return (node.attrs["pairs"] - taps) / ((positions - 1) * taps)
 
 
 def _conv_forward(node: Node, xs: Sequence[State]) -> State:
-    """m' as Eq. 9 (exact taps);  k' = k·(m'/m)·s_all,  near' = near·(m'/m)·s_near.
+    """m' as Eq. 9 (exact taps);  k' = k·(m'/m)·shared,  near' = near·(m'/m)·shared_near.
 
-    y_p = Σ_{c,t} W_ct·x_{c,p+t}: only equal taps t pair up, so two outputs p ≠ q of a
-    channel share the input covariance through the taps real for both. On a large map that is
-    every tap; on a small padded map (2×2 under a 3×3 kernel) far fewer, and on a 1×1 map
-    there is no pair. s_all and s_near are those common taps relative to the mean taps of one
-    output, over all pairs and over neighbours (``shapes._tap_shares``). With stride 1,
-    neighbouring outputs read neighbouring inputs.
+    Neighbouring outputs read neighbouring inputs (stride 1) and, away from the border,
+    share every tap (``shapes._tap_pairs``).
     """
-    x, (s_all, s_near) = xs[0], node.attrs["shares"]
+    x = xs[0]
     m = RULES["conv"].forward(node, [x.m])
     source = _near(x) if node.attrs["stride"] == (1, 1) else x.k
-    return State(m, _ratio(m, x.m) * x.k * s_all, near=_ratio(m, x.m) * source * s_near)
+    return State(m, _ratio(m, x.m) * x.k * _shared_taps(node, node.shape.positions),
+                 near=_ratio(m, x.m) * source * node.attrs["near"])
+
+
+def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+    """g as in Eq. 10 (exact taps);  gk' = gk·(g'/g)·shared (input pairs, ``_shared_taps``)."""
+    g = RULES["conv"].backward(node, [xs[0].m], dy.m)[0]
+    return (State(g, _ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)),)
+
+
+EXACT["conv"] = ExactRule(_conv_forward, _conv_backward)
 
 
 def _near(x: State) -> M:
@@ -374,9 +386,10 @@ def bias_grad_m2(node: Node, dy: State) -> M:
 
 
 def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, State] | None = None) -> M:
-    """Per-sample E[ΔW²] of a conv/linear layer, per weight (τ = T/k² uses of each tap):
+    """Per-sample E[ΔW²] of a conv/linear layer, per weight (τ = T/k² uses of each tap,
+    π = (S − T)/k² ordered pairs of positions using it, τ(τ−1) without padding):
 
-        τ·m·g  +  τ(τ−1)·k·gk  +  τ(τ−1)·gk_h·E[W²]·m²·(1−a)²/(2π·E[y²]).
+        τ·m·g  +  π·k·gk  +  π·gk_h·E[W²]·m²·(1−a)²/(2π·E[y²]).
 
     The first term is Thm 1. The second pairs the shared parts of input and gradient. The
     third appears when the layer feeds a (leaky) ReLU whose output gradient h has a shared
@@ -385,11 +398,11 @@ def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, Sta
     two positions no longer average out. ``mask`` is (a, gradient state at the ReLU output).
     """
     t, k2 = node.attrs["taps"], node.attrs["k2"]
-    extra = t - k2 if expr.is_symbolic(t - k2) else max(t - k2, 0)  # a tap used once has no pairs
-    total = x.m * dy.m * t / k2 + x.k * dy.k * t * extra / k2**2
+    pairs = node.attrs["pairs"] - t  # Σ over taps of the ordered pairs of positions that use it
+    total = x.m * dy.m * t / k2 + x.k * dy.k * pairs / k2
     if mask is not None and node.init is not None:
         a, h = mask
         pi = _trig(x.m)[2] if _sympy(x.m) else math.pi
         own = x.m - x.k  # the position-specific part; the shared part is in the second term
-        total = total + h.k * node.init.m2 * own**2 * (1 - a) ** 2 * t * extra / (2 * pi * y.m * k2**2)
+        total = total + h.k * node.init.m2 * own**2 * (1 - a) ** 2 * pairs / (2 * pi * y.m * k2)
     return total

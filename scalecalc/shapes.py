@@ -38,21 +38,22 @@ def _tap_counts(size: Any, k: Any, s: Any, p: Any, out: Any) -> list[int]:
     return counts
 
 
-def _tap_shares(h: tuple[Any, ...], w: tuple[Any, ...], positions: Any, taps: Any) -> tuple[Any, Any]:
-    """How many taps two outputs of a window have in common (both real), relative to the mean
-    taps T/P of one output: averaged over all pairs p ≠ q, and over neighbours (offsets
-    (0,1), (1,0), (1,1)). Both are 1 without padding; on a 1×1 map there is no pair (0).
+def _tap_pairs(h: tuple[Any, ...], w: tuple[Any, ...], positions: Any, taps: Any) -> tuple[Any, Any]:
+    """Taps that two outputs of a window have in common (real for both).
 
-    Per axis, with c_a the outputs whose tap a is real: Σ_{i,j} common = Σ_a c_a², and over
-    neighbours (i, i+1) it is Σ_a #{i : tap a real at i and i+1}.
+    Returns S = Σ over ordered pairs (p, q) of outputs, p = q included (where it is the taps
+    of p, summing to T), of their common taps; and, relative to the mean taps T/P of one
+    output, the common taps of neighbours (offsets (0,1), (1,0), (1,1)), 1 without padding.
+    Per axis, with c_a the outputs whose tap a is real, Σ_{i,j} common = Σ_a c_a²; over
+    neighbours (i, i+1) it is Σ_a #{i : tap a real at i and i+1}. Without padding every
+    c_a = P and S = k²·P².
     """
     if h[3] == 0 and w[3] == 0:
-        return 1, 1
-    if positions == 1:
-        return 0, 0
+        return h[1] * w[1] * positions**2, 1
     (oh, sq_h, nb_h), (ow, sq_w, nb_w) = _axis_sums(*h), _axis_sums(*w)
+    if positions == 1:
+        return taps, 0
     mean_taps = taps / positions
-    all_pairs = (sq_h * sq_w - taps) / ((positions - 1) * taps)
     per_axis = {(0, "h"): taps_1d(*h) / oh, (0, "w"): taps_1d(*w) / ow}  # offset 0: one output's taps
     if oh > 1:
         per_axis[1, "h"] = nb_h / (oh - 1)
@@ -60,7 +61,7 @@ def _tap_shares(h: tuple[Any, ...], w: tuple[Any, ...], positions: Any, taps: An
         per_axis[1, "w"] = nb_w / (ow - 1)
     near = [per_axis[dh, "h"] * per_axis[dw, "w"] / mean_taps for dh, dw in ((0, 1), (1, 0), (1, 1))
             if (dh, "h") in per_axis and (dw, "w") in per_axis]
-    return all_pairs, sum(near) / len(near)
+    return sq_h * sq_w, sum(near) / len(near)
 
 
 def _axis_sums(size: int, k: int, s: int, p: int, out: int) -> tuple[int, int, int]:
@@ -86,8 +87,9 @@ def _window(name: str, attrs: Mapping[str, Any], shape: Any) -> tuple[Any, dict[
             raise ScalecalcError(f"padding {p} is more than half the kernel {k}")
         out.append(expr.evaluate("(size + 2*p - k)//s + 1", {"size": size, "p": p, "k": k, "s": s}))
     taps = taps_1d(shape.h, kh, sh, ph, out[0]) * taps_1d(shape.w, kw, sw, pw, out[1])
-    shares = _tap_shares((shape.h, kh, sh, ph, out[0]), (shape.w, kw, sw, pw, out[1]), out[0] * out[1], taps)
-    extra = {"stride": (sh, sw), "k2": kh * kw, "k": expr.sqrt(kh * kw), "taps": taps, "shares": shares}
+    pairs, near = _tap_pairs((shape.h, kh, sh, ph, out[0]), (shape.w, kw, sw, pw, out[1]), out[0] * out[1], taps)
+    extra = {"stride": (sh, sw), "k2": kh * kw, "k": expr.sqrt(kh * kw), "taps": taps, "pairs": pairs,
+             "near": near}
     return Shape(shape.channels, out[0], out[1]), extra
 
 
@@ -103,7 +105,8 @@ def infer(op: str, attrs: Mapping[str, Any], ins: Sequence[Any]) -> tuple[Any, d
     if op == "linear":
         if x.spatial:
             raise ScalecalcError(f"linear needs a vector input, got {x}; add flatten or global_avgpool")
-        return Shape(attrs["out"]), {"n_in": x.channels, "n_out": attrs["out"], "k": 1, "k2": 1, "taps": 1}
+        return Shape(attrs["out"]), {"n_in": x.channels, "n_out": attrs["out"], "k": 1, "k2": 1, "taps": 1,
+                                  "pairs": 1, "near": 0}
     if op in ("avgpool", "maxpool"):
         return _window(op, attrs, x)
     if op == "global_avgpool":

@@ -329,6 +329,21 @@ layers:
   - {name: cat, op: concat, from: [relu, grow]}
   - {name: conv2, op: conv, out: 256, kernel: 1}
 """, batch=16, draws=256, seed=33),
+    # a globally pooled gradient is shared by all positions; a padded 3×3 conv on a 4×4 map
+    # hands its input pairs only the taps that reach a real output for both (70% of them),
+    # so c0's pair term (its input carries a ReLU offset) is much smaller than on a large
+    # map. The pair terms are flagged approximate (Gaussian, independence); held to 3%.
+    "small_map_pooled_gradient": MCCase("""
+name: mc-small-map
+input: {channels: 32, size: 4}
+layers:
+  - {name: ca, op: conv, out: 64, kernel: 1, bias: false}
+  - {name: relu, op: relu}
+  - {name: c0, op: conv, out: 64, kernel: 1, bias: false}
+  - {name: c1, op: conv, out: 64, kernel: 3, padding: 1, bias: false}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 256}
+""", batch=16, draws=256, seed=35, tol=0.03),
     # train-mode batchnorm then GELU (quadrature in the Gaussian approximation); BN's
     # backward ignores its projection terms and E[1/σ_c²] > 1/E[σ_c²] (≈1.4%, Jensen): 5%.
     "batchnorm_then_gelu": MCCase("""

@@ -234,6 +234,12 @@ def _concat_correlated(net: Net, x: Tensor) -> Tensor:
     return net.conv("conv2", h, 256, 1)
 
 
+def _small_map_pooled_gradient(net: Net, x: Tensor) -> Tensor:
+    h = net.node("relu", F.relu(net.conv("ca", x, 64, 1, bias=False)))
+    h = net.conv("c1", net.conv("c0", h, 64, 1, bias=False), 64, 3, padding=1, bias=False)
+    return net.linear("fc", net.node("gap", h.mean((2, 3))), 256)
+
+
 def _batchnorm_then_gelu(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 32, 3, bias=False)
     h = net.node("bn", F.batch_norm(h, None, None, *_affine(32), training=True, eps=1e-5))
@@ -244,7 +250,7 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "relu_then_avgpool": _relu_then_pool(lambda h: F.avg_pool2d(h, 2)),
     "relu_then_maxpool": _relu_then_pool(lambda h: F.max_pool2d(h, 2)),
     "residual_add": _residual_add, "concat_correlated": _concat_correlated,
-    "batchnorm_then_gelu": _batchnorm_then_gelu,
+    "small_map_pooled_gradient": _small_map_pooled_gradient, "batchnorm_then_gelu": _batchnorm_then_gelu,
     "linear": _linear, "conv": _conv, "conv_same": _conv_same, "relu": _relu,
     "leaky_relu": _leaky_relu, "dropout": _dropout, "scale": _scale, "identity": _identity,
     "flatten": _flatten, "bias": _bias, "add": _add, "concat": _concat, "avgpool": _avgpool,
