@@ -20,11 +20,20 @@ its derivative along J_b r (= Φ_b J_b r, the "double-vjp" forward product), and
 pass of S·Φ_b J_b r down to h (= δ_b). H_b r is then the per-sample weight gradient built from
 δ_b and the layer input. With smooth non-linearities above l (tanh, GELU, norms) this is the
 Gauss–Newton block rather than the full Hessian block.
+
+Off-diagonal blocks (Fig. 2). y is multilinear in the weights, so for l ≠ m the full block
+H_lm = (Φ_l J_l)ᵀ S (Φ_m J_m) + Σ_i (Sy)_i ∂²y_i/∂W_l∂W_m has a second term that Gauss–Newton drops.
+``block_matrix`` forms the exact H_b[:, m] r_m for every sample as the derivative, along r_m
+on W_m, of the per-sample weight gradients g_l = Σ_p δ_l,p x_l,pᵀ (p: positions):
+ġ_l = Σ_p (δ̇_l,p x_l,pᵀ + δ_l,p ẋ_l,pᵀ). Gradients with respect to activations are already
+per sample (no batch statistics), so one forward-mode pass (jvp) over the batch backward pass
+gives δ, δ̇, x and ẋ of every sample at once; only the sum over positions is done per sample.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,6 +120,108 @@ def block_moments(model: Any, x: Any, weighted: list[str], loss: Any = None,
         (delta,) = torch.autograd.grad(y, h, y_dot @ S, retain_graph=True)  # Φᵀ S Φ J r, S symmetric
         out[name] = _weight_grad_m2(layer, x_in, delta.detach())
     return out
+
+
+def hessian_matrix(module: Any, weighted: list[str], *, draws: int, batch: int, seed: int = 0, device: str = "cpu",
+                   dtype: str = "float32", input_m2: float | Sequence[float] = 1.0,
+                   gauss_newton: bool = False) -> dict[str, dict[str, list[float]]]:
+    """Per pair of weighted layers (l, m), ‖H_lm‖²_F / min(d_l, d_m) measured in each draw.
+
+    Draws as in ``hessian_blocks``; the value is the batch mean of ``block_matrix``. It is the
+    mean squared singular value of the per-sample block (d: the number of weights of a layer;
+    the block has min(d_l, d_m) singular values), and on the diagonal it is E[(G_l r)²].
+    float32 by default: forward-mode products of float64 convolutions are far slower on CPU.
+    ``gauss_newton`` measures J_lᵀ S J_m only (``block_matrix``).
+    """
+    import torch
+
+    if draws < 1 or batch < 1:
+        raise ScalecalcError(f"need draws ≥ 1 and batch ≥ 1, got {draws} and {batch}")
+    torch.manual_seed(seed)
+    kind = getattr(torch, dtype)
+    out: dict[str, dict[str, list[float]]] = {n: {m: [] for m in weighted} for n in weighted}
+    for _ in range(draws):
+        model = module.Model().to(device=device, dtype=kind)
+        x = _inputs(module, batch, input_m2, kind, device)
+        for row, cells in block_matrix(model, x, weighted, gauss_newton=gauss_newton).items():
+            for col, values in cells.items():
+                out[row][col].append(values.mean().item())
+    return out
+
+
+def block_matrix(model: Any, x: Any, weighted: list[str], loss: Any = None, directions: dict[str, Any] | None = None,
+                 gauss_newton: bool = False) -> dict[str, dict[str, Any]]:
+    """Per pair (l, m), a tensor of B values: ‖H_b,lm r_m‖² / min(d_l, d_m) for each sample.
+
+    The full per-sample Hessian (module docstring), off-diagonal blocks included; r_m has
+    W_m's shape and iid N(0, 1) entries, so E_r‖H_lm r_m‖² = ‖H_lm‖²_F. ``loss`` and
+    ``directions`` as in ``block_moments``, drawn in the same order; on the diagonal the values
+    equal ``block_moments``'s for the same R and r. ``gauss_newton`` keeps only J_lᵀ S J_m:
+    ġ_l = Σ_p δᴳᴺ_l,p x_l,pᵀ with δᴳᴺ_l = Φ_lᵀ S ẏ, ẏ = J_m r_m (the same on the diagonal).
+    """
+    import torch
+    from torch.func import functional_call, grad, jvp
+
+    _per_sample_only(model)
+    probes: dict[str, Any] = {}  # zeros added to each layer's output h_l: ∂L/∂probe = δ_l
+    inputs: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+
+    def hook(name: str) -> Any:
+        def add(module: Any, args: Any, output: Any) -> Any:
+            inputs[name], outputs[name] = args[0], output
+            return output + probes[name] if name in probes else output
+
+        return add
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in weighted]
+    try:
+        with torch.no_grad():
+            y = model(x).reshape(x.shape[0], -1)
+        R = torch.randn(y.shape[1], y.shape[1], dtype=y.dtype, device=y.device) if loss is None else loss
+        zeros = {n: torch.zeros_like(outputs[n]) for n in weighted}
+        layers = {n: model.get_submodule(n) for n in weighted}
+        rs = {n: (directions or {}).get(n) for n in weighted}
+        rs = {n: torch.randn_like(layers[n].weight) if r is None else r for n, r in rs.items()}
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        weights = {n: layers[n].weight.detach() for n in weighted}
+
+        def run(e: dict[str, Any], ws: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            probes.clear()
+            probes.update(e)
+            inputs.clear()
+            out = functional_call(model, {**params, **{f"{n}.weight": w for n, w in ws.items()}}, (x,))
+            return out.reshape(x.shape[0], -1), dict(inputs)
+
+        def batch_loss(e: dict[str, Any], ws: dict[str, Any]) -> tuple[Any, tuple[dict[str, Any], Any]]:
+            out, xs = run(e, ws)
+            return torch.einsum("bi,ij,bj->", out, R, out), (xs, out)  # Σ_b y_bᵀ R y_b
+
+        def fields(ws: dict[str, Any]) -> tuple[dict[str, Any], tuple[dict[str, Any], Any]]:
+            return grad(batch_loss, has_aux=True)(zeros, ws)  # δ_l and (x_l, y) of every sample
+
+        result: dict[str, dict[str, Any]] = {n: {} for n in weighted}
+        for m in weighted:
+            tangent = {n: rs[n] if n == m else torch.zeros_like(w) for n, w in weights.items()}
+            with warnings.catch_warnings():  # torch's first forward-mode call scripts its decompositions
+                warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+                primal, dot = jvp(fields, (weights,), (tangent,))[:2]  # values and their derivatives along r_m
+            (delta, (xs, _)), (delta_dot, (xs_dot, y_dot)) = primal, dot
+            if gauss_newton:  # backward pass of S·ẏ at fixed weights; no ẋ term
+                g = y_dot.detach() @ (R + R.T)
+                delta_dot = grad(lambda e, g=g: (run(e, weights)[0] * g).sum())(zeros)
+            for n in weighted:
+                terms = [(xs[n], delta_dot[n])]  # ġ_l = Σ_p δ̇ xᵀ + δ ẋᵀ
+                if not gauss_newton and bool(xs_dot[n].any()):  # ẋ_l = 0 unless W_m lies below l
+                    terms.append((xs_dot[n], delta[n]))
+                size = min(layers[n].weight.numel(), layers[m].weight.numel())
+                result[n][m] = _grad_sq(layers[n], [(a.detach(), d.detach()) for a, d in terms]) / size
+    finally:
+        for handle in handles:
+            handle.remove()
+        probes.clear()
+        inputs.clear()
+    return result
 
 
 def conditioning(module: Any, weighted: list[str], *, batch: int, seed: int = 0, device: str = "cpu",
@@ -225,17 +336,24 @@ def _patches(layer: Any, x: Any) -> Any:
 
 def _weight_grad_m2(layer: Any, x: Any, delta: Any) -> Any:
     """Per sample, the mean square entry of the weight gradient Σ_p δ_p x_pᵀ (p: positions)."""
+    return _grad_sq(layer, [(x, delta)]) / layer.weight.numel()
+
+
+def _grad_sq(layer: Any, terms: list[tuple[Any, Any]]) -> Any:
+    """Per sample, ‖Σ_k Σ_p δ_k,p x_k,pᵀ‖²_F over the (input, output gradient) pairs ``terms``."""
     import torch
 
-    b, size = x.shape[0], layer.weight.numel()
-    if isinstance(layer, torch.nn.Conv2d):
-        xs, ds = _patches(layer, x), delta.flatten(2)  # (B, P, C_in·k²), (B, C_out, P)
-    elif x.dim() == 2:  # one position: ‖δ xᵀ‖² = ‖δ‖²·‖x‖², no need to form the outer product
-        return delta.square().sum(1) * x.square().sum(1) / size
+    b, size = terms[0][0].shape[0], layer.weight.numel()
+    if isinstance(layer, torch.nn.Conv2d):  # (B, P, C_in·k²), (B, C_out, P); the terms are more positions
+        xs = torch.cat([_patches(layer, x) for x, _ in terms], 1)
+        ds = torch.cat([d.flatten(2) for _, d in terms], 2)
+    elif terms[0][0].dim() == 2:  # one position: ‖Σ_k δ_k x_kᵀ‖² = Σ_kk′ (δ_k·δ_k′)(x_k·x_k′), no outer products
+        return torch.stack([(d * e).sum(1) * (x * z).sum(1) for x, d in terms for z, e in terms]).sum(0)
     else:
-        xs, ds = x.reshape(b, -1, x.shape[-1]), delta.reshape(b, -1, delta.shape[-1]).transpose(1, 2)
+        xs = torch.cat([x.reshape(b, -1, x.shape[-1]) for x, _ in terms], 1)
+        ds = torch.cat([d.reshape(b, -1, d.shape[-1]) for _, d in terms], 1).transpose(1, 2)
     step = max(1, CHUNK // size)
-    return torch.cat([torch.bmm(ds[i:i + step], xs[i:i + step]).square().flatten(1).sum(1) / size
+    return torch.cat([torch.bmm(ds[i:i + step], xs[i:i + step]).square().flatten(1).sum(1)
                       for i in range(0, b, step)])
 
 

@@ -2,7 +2,8 @@
 
 ``write_report`` analyses a spec as written, lists the corrections ``emit`` would apply and the
 ops that break scaling, plots moments, γ under every init scheme and ς along depth, and with
-``verify`` samples the spec's own network and plots predicted against measured values.
+``verify`` samples the spec's own network and plots predicted against measured values; with
+``hessian`` it adds the heat map of the network's per-sample Hessian blocks (``scalecalc.heatmap``).
 """
 
 from __future__ import annotations
@@ -40,16 +41,19 @@ class _Content:
     layers: Sequence[tuple[Sequence[str], bool]]  # (cells, exact)
     spec_text: str
     notes: list[str] = field(default_factory=list)
+    hessian: tuple[str, Sequence[Sequence[str]], bytes | None] | None = None  # (text, diagonal rows, PNG)
 
 
 def write_report(spec_path: str, out: str, *, overrides: dict[str, Any] | None = None, calculus: str = "exact",
-                 verify: bool = False, draws: int = 8, batch: int = 8, output_std: float = 0.05) -> Path:
+                 verify: bool = False, draws: int = 8, batch: int = 8, output_std: float = 0.05,
+                 hessian: bool = False, hessian_draws: int = 50, hessian_batch: int = 16) -> Path:
     """Write the design review of ``spec_path`` to ``out`` (``.html`` or ``.md``) and return its path."""
     path = Path(out)
     if path.suffix.lower() not in (".html", ".md"):
         raise ScalecalcError(f"report {out!r}: the file name must end in .html or .md")
     _require_matplotlib()
-    content = _collect(spec_path, overrides, calculus, verify, draws, batch, output_std)
+    content = _collect(spec_path, overrides, calculus, verify, draws, batch, output_std,
+                       (hessian_draws, hessian_batch) if hessian else None)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".html":
@@ -57,7 +61,8 @@ def write_report(spec_path: str, out: str, *, overrides: dict[str, Any] | None =
         else:
             folder = path.parent / f"{path.stem}_files"
             folder.mkdir(exist_ok=True)
-            for stem, _, png in content.plots:
+            for stem, _, png in content.plots + ([("hessian", "", content.hessian[2])]
+                                                 if content.hessian and content.hessian[2] else []):
                 (folder / f"{stem}.png").write_bytes(png)
             path.write_text(_markdown(content, folder.name), encoding="utf-8")
     except OSError as err:
@@ -73,9 +78,10 @@ def _require_matplotlib() -> None:
 
 
 def _collect(spec_path: str, overrides: dict[str, Any] | None, calculus: str, verify: bool, draws: int,
-             batch: int, output_std: float) -> _Content:
+             batch: int, output_std: float, hessian: tuple[int, int] | None = None) -> _Content:
     from scalecalc.corrections import correct
     from scalecalc.graph import build
+    from scalecalc.heatmap import section as _hessian_section
     from scalecalc.init import SCHEMES
     from scalecalc.propagate import propagate
     from scalecalc.spec import load
@@ -113,7 +119,8 @@ def _collect(spec_path: str, overrides: dict[str, Any] | None, calculus: str, ve
     layers = [((r.name, r.op, r.shape, fmt(r.forward_m2), fmt(r.backward_m2), fmt(r.varsigma), fmt(r.gamma),
                 fmt(r.gamma_bias), "; ".join(r.notes)), r.exact) for r in analysis.nodes]
     text = Path(spec_path).read_text(encoding="utf-8")
-    return _Content(f"Design review: {net.name}", summary, corrections, warnings, plots, layers, text, notes)
+    return _Content(f"Design review: {net.name}", summary, corrections, warnings, plots, layers, text, notes,
+                    _hessian_section(spec, net, calculus, *hessian) if hessian else None)
 
 
 def _verify(spec: Any, net: Any, analysis: Analysis, draws: int, batch: int) -> Any:
@@ -284,6 +291,8 @@ def _plot_verify(result: Any) -> bytes:
 
 SECTIONS = ("Summary", "Warnings", "Plots", "Corrections", "Per-layer table", "Spec")
 FOLD = 25  # rows
+HESSIAN = "Hessian blocks"
+HESSIAN_COLUMNS = ("layer", "measured diagonal ± se", "Theorem 2", "predicted / measured")
 
 
 def _esc(text: str) -> str:
@@ -323,6 +332,14 @@ def _html(c: _Content) -> str:
         data = base64.b64encode(png).decode("ascii")
         parts.append(f'<figure id="plot-{stem}"><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
                      f"<figcaption>{_esc(caption)}</figcaption></figure>")
+    if c.hessian:
+        text, rows, image = c.hessian
+        parts.append(f'<h2 id="hessian">{HESSIAN}</h2><p>{_esc(text)}</p>')
+        if image:
+            data = base64.b64encode(image).decode("ascii")
+            parts.append(f'<figure id="plot-hessian"><img src="data:image/png;base64,{data}" alt="{HESSIAN}">'
+                         "<figcaption>Heat map; right: the diagonal against Theorem 2</figcaption></figure>")
+            parts.append(_html_table(HESSIAN_COLUMNS, rows, lambda j: j > 0))
     parts.append('<h2 id="corrections">Corrections</h2>')
     table = _html_table(("kind", "node", "value", "formula", "reason"), c.corrections, lambda j: j == 2)
     parts.append(f"<p>{len(c.corrections)} corrections that <code>scalecalc emit</code> would apply.</p>"
@@ -354,6 +371,11 @@ def _markdown(c: _Content, folder: str) -> str:
     lines += ["## Plots", ""]
     for stem, caption, _ in c.plots:
         lines += [f"![{stem} plot]({folder}/{stem}.png)", "", f"*{_md_cell(caption)}*", ""]
+    if c.hessian:
+        text, rows, image = c.hessian
+        lines += [f"## {HESSIAN}", "", _md_cell(text), ""]
+        if image:
+            lines += [f"![hessian plot]({folder}/hessian.png)", "", *_md_table(HESSIAN_COLUMNS, rows)]
     lines += ["## Corrections", ""]
     lines += (_md_table(("kind", "node", "value", "formula", "reason"), c.corrections) if c.corrections
               else ["None: emit writes the spec as it stands.", ""])

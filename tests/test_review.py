@@ -95,6 +95,45 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path: Path, monkeypatch: pytest
         write_report(str(ROOT / "specs" / "libsvm_mlp.yaml"), str(tmp_path / "r.html"))
 
 
+@pytest.mark.parametrize("suffix", [".html", ".md"])
+def test_hessian_adds_the_block_heat_map(suffix: str, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    out = write_report(str(ROOT / "specs" / "lenet_strided.yaml"), str(tmp_path / f"r{suffix}"), hessian=True,
+                       hessian_draws=3, hessian_batch=2)
+    text = out.read_text(encoding="utf-8")
+    assert "Hessian blocks" in text and "3 draws × batch 2" in text and "min(d_l, d_m)" in text
+    for layer in ("conv1", "conv2", "fc1", "fc2", "fc3"):
+        assert re.search(rf"{layer}(</td><td[^>]*>| \| )[0-9.e+-]+ ± ", text), layer  # a diagonal row per layer
+    if suffix == ".html":
+        assert 'id="plot-hessian"' in text
+        pngs = _pngs(text)
+        assert len(pngs) == 4 and all(p.startswith(PNG) and len(p) > 10_000 for p in pngs)
+    else:
+        assert "![hessian plot](r_files/hessian.png)" in text
+        png = tmp_path / "r_files" / "hessian.png"
+        assert png.read_bytes().startswith(PNG) and png.stat().st_size > 10_000
+    for section in SECTIONS:
+        assert section in text
+
+
+def test_hessian_with_batchnorm_explains_why_there_is_no_heat_map(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scalecalc.cli import app
+
+    spec = (ROOT / "specs" / "lenet_strided.yaml").read_text(encoding="utf-8")
+    bn = tmp_path / "lenet_bn.yaml"
+    bn.write_text(spec.replace("  - {name: relu1, op: relu}", "  - {name: bn1, op: batchnorm}\n"
+                               "  - {name: relu1, op: relu}", 1), encoding="utf-8")
+    for name in ("r.html", "r.md"):
+        result = CliRunner().invoke(app, ["report", str(bn), "-o", str(tmp_path / name), "--hessian"])
+        assert result.exit_code == 0, result.output
+        text = (tmp_path / name).read_text(encoding="utf-8")
+        assert "No Hessian heat map: the network has batchnorm (bn1)" in text and "couple the samples" in text
+        assert "plot-hessian" not in text and "hessian.png" not in text
+    assert not (tmp_path / "r_files" / "hessian.png").exists()
+
+
 def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
