@@ -135,7 +135,7 @@ def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str) 
             plan.out = _move(plan.out, value, change)
         elif calculus == "exact":
             out, f = EXACT[node.op].forward(node, ins), border.get(node.name, (1, 1, 1))[0]
-            states[node.name] = scaled(out, f)
+            states[node.name] = replace(out, m=out.m * f, k=out.k * f)  # as propagate
             continue
         else:
             states[node.name] = State(RULES[node.op].forward(node, xs), 0)
