@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scalecalc import expr
 from scalecalc.codegen import emit_torch
 from scalecalc.corrections import correct
 from scalecalc.graph import build
@@ -46,8 +47,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output-std", type=float, default=0.05)
     args = p.parse_args()
-    overrides = {k: int(v) if v.lstrip("-").isdigit() else float(v)
-                 for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = {k: expr.evaluate(v, {}) for k, v in (item.split("=", 1) for item in args.set)}
     spec = load(args.spec)
     fixed = correct(build(spec, overrides), args.output_std)
     analysis = propagate(fixed.network)

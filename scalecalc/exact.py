@@ -124,9 +124,6 @@ def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State
     return (State(g, _ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)),)
 
 
-EXACT["conv"] = ExactRule(_conv_forward, _conv_backward)
-
-
 def _near(x: State) -> M:
     return x.k if x.near is None else x.near
 

@@ -511,3 +511,26 @@ def test_paper_calculus_misses_pooled_relu(name: str) -> None:
     assert max(c.rel_err for c in found) > 0.4
     with pytest.raises(AssertionError, match="rule predictions disagree"):
         assert_agrees(found, 0.05, None)
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "padding"),
+                         [(2, 3, 1, 1), (4, 3, 1, 1), (5, 3, 2, 1), (9, 7, 2, 3), (6, 2, 2, 0), (1, 3, 1, 1)])
+def test_common_taps_match_brute_force(size: int, kernel: int, stride: int, padding: int) -> None:
+    """S = Σ over ordered output pairs of the taps real for both, counted directly."""
+    spec = f"""
+name: taps
+input: {{channels: 1, size: {size}}}
+layers:
+  - {{name: conv, op: conv, out: 1, kernel: {kernel}, stride: {stride}, padding: {padding}}}
+"""
+    node = build(parse(spec, "taps.yaml")).node("conv")
+    out = (size + 2 * padding - kernel) // stride + 1
+    positions = [(i, j) for i in range(out) for j in range(out)]
+
+    def real(p: tuple[int, int], t: tuple[int, int]) -> bool:
+        return all(0 <= stride * p[d] - padding + t[d] < size for d in (0, 1))
+
+    taps = [(a, b) for a in range(kernel) for b in range(kernel)]
+    brute = sum(real(p, t) and real(q, t) for p in positions for q in positions for t in taps)
+    assert node.attrs["pairs"] == brute
+    assert node.attrs["taps"] == sum(real(p, t) for p in positions for t in taps)
