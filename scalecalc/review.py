@@ -352,8 +352,8 @@ def _html(c: _Content) -> str:
     return "\n".join(parts)
 
 
-def _md_cell(text: str) -> str:
-    return _esc(text).replace("|", "\\|").replace("\n", " ")
+def _md_cell(text: str) -> str:  # markup characters escaped; quotes need not be in Markdown text
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
