@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mdtable import md_table
+
 ROOT = Path(__file__).resolve().parent.parent
 QUANTITIES = ("forward_m2", "backward_m2", "gamma")
 LABELS = {"forward_m2": "E[x²]", "backward_m2": "E[Δx²]", "gamma": "γ"}
@@ -130,14 +132,6 @@ def pct(value: float) -> str:
         return "–"
     value *= 100
     return f"{value:.0f}%" if value >= 100 else f"{value:.1f}%" if value >= 1 else f"{value:.2f}%"
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    marks = {"l": ":--", "r": "--:", "c": ":-:"}
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def summarise(rows: list[dict[str, Any]], quantities: Sequence[str] = QUANTITIES) -> dict[str, float]:

@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mdtable import md_table
+
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 TIMEOUT = 300.0  # seconds per subprocess; --timeout
@@ -84,14 +86,6 @@ def ms(seconds: float | None) -> str:
         return "–"
     value = seconds * 1000
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    marks = {"l": ":--", "r": "--:", "c": ":-:"}
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def fit_exponent(sizes: Sequence[float], times: Sequence[float]) -> float:

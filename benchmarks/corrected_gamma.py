@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mdtable import md_table
 
 from scalecalc import expr
 from scalecalc.codegen import emit_torch
@@ -70,9 +71,8 @@ def main() -> None:
     print(f"# corrected γ, measured: {args.spec} {sets}\n")
     print(f"{args.draws} draws × batch {args.batch} on {device}, float32, {seconds:.0f} s. "
           f"Relative γ: each draw's γ_l over that draw's geometric mean over the layers.\n")
-    print("| layer | measured relative γ | SE | predicted |\n|:--|--:|--:|--:|")
-    for name, m, s, q in zip(weighted, mean, se, predicted):
-        print(f"| `{name}` | {m:.3f} | {s:.3f} | {q:.3f} |")
+    rows = [[f"`{n}`", f"{m:.3f}", f"{e:.3f}", f"{q:.3f}"] for n, m, e, q in zip(weighted, mean, se, predicted)]
+    print(md_table(["layer", "measured relative γ", "SE", "predicted"], rows))
     spread = float(mean.max() / mean.min())
     print(f"\nspread of measured means {spread:.3f} (predicted {predicted.max() / predicted.min():.3f}); "
           f"output std {out_std:.4f} (target {args.output_std:g}); "

@@ -31,7 +31,7 @@ import networkx as nx
 from scalecalc import expr
 from scalecalc.assumptions import border_factors
 from scalecalc.errors import ScalecalcError
-from scalecalc.exact import EXACT, State, scaled
+from scalecalc.exact import EXACT, State, bordered, scaled
 from scalecalc.graph import Network, Node
 from scalecalc.init import Init, weight_m2
 from scalecalc.propagate import Analysis, propagate
@@ -135,7 +135,7 @@ def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str) 
             plan.out = _move(plan.out, value, change)
         elif calculus == "exact":
             out, f = EXACT[node.op].forward(node, ins), border.get(node.name, (1, 1, 1))[0]
-            states[node.name] = replace(out, m=out.m * f, k=out.k * f)  # as propagate
+            states[node.name] = bordered(out, f)
             continue
         else:
             states[node.name] = State(RULES[node.op].forward(node, xs), 0)

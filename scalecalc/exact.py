@@ -68,6 +68,12 @@ def scaled(x: State, factor: M, rectified: bool = True) -> State:
                  rectified=None if pre is None else (pre[0], scaled(pre[1], factor)))
 
 
+def bordered(x: State, factor: M) -> State:
+    """A window op's output with its border correction (``assumptions.border_factors``): the
+    position average of m and k moves; the neighbour covariance, an interior quantity, does not."""
+    return State(factor * x.m, factor * x.k, near=x.near, rectified=x.rectified, gate=x.gate)
+
+
 def _paper(op: str) -> ExactRule:
     """Ops that scale every position alike: m and k (g and gk) move by the same factor."""
     rule = RULES[op]

@@ -15,7 +15,7 @@ from typing import Any
 from scalecalc import expr
 from scalecalc.assumptions import Checks, border_factors, check
 from scalecalc.errors import ScalecalcError
-from scalecalc.exact import EXACT, State, bias_grad_m2, weight_grad_m2
+from scalecalc.exact import EXACT, State, bias_grad_m2, bordered, weight_grad_m2
 from scalecalc.graph import Network, Node
 from scalecalc.rules import RULES, Rule
 
@@ -93,7 +93,7 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     for node in net.nodes[1:]:
         out = forward[node.op](node, [fwd[s] for s in node.inputs])
         f = border.get(node.name, (1, 1, 1))[0]
-        out = replace(out, m=out.m * f, k=out.k * f)  # near: interior neighbours, no border correction
+        out = bordered(out, f)
         fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
     bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
     bwd[net.output] = State(net.grad_m2, 0)

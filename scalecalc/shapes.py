@@ -50,9 +50,9 @@ def _tap_pairs(h: tuple[Any, ...], w: tuple[Any, ...], positions: Any, taps: Any
     """
     if h[3] == 0 and w[3] == 0:
         return h[1] * w[1] * positions**2, 1
-    (oh, sq_h, nb_h), (ow, sq_w, nb_w) = _axis_sums(*h), _axis_sums(*w)
     if positions == 1:
         return taps, 0
+    (oh, sq_h, nb_h), (ow, sq_w, nb_w) = _axis_sums(*h), _axis_sums(*w)
     mean_taps = taps / positions
     per_axis = {(0, "h"): taps_1d(*h) / oh, (0, "w"): taps_1d(*w) / ow}  # offset 0: one output's taps
     if oh > 1:
