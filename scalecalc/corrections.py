@@ -153,7 +153,8 @@ def _balance(plan: _Plan, a: Analysis, ref: str) -> float:
     for name, u in plan.learn.items():
         plan.learn[name] = _move(u, u * (float(a[name].gamma) / gamma_ref) ** 0.25, change)
     for name, v in plan.bias.items():  # γ_bias ∝ 1/v⁴ once the layers below re-balance
-        plan.bias[name] = _move(v, v * (float(a[name].gamma_bias) / gamma_ref) ** 0.25, change)
+        if float(a[name].gamma_bias) > 0:  # zero: a batchnorm below cancels the bias
+            plan.bias[name] = _move(v, v * (float(a[name].gamma_bias) / gamma_ref) ** 0.25, change)
     return max(change)
 
 

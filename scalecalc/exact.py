@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from scalecalc import expr
-from scalecalc.gaussian import cdf, gauss, max_m2, max_mean, pair, rectified_max
+from scalecalc.gaussian import cdf, gauss, leaky_moments, leaky_pair, max_m2, max_mean, pair, rectified_max
 from scalecalc.graph import Node
 from scalecalc.rules import BN_EPS, RULES, _sigmoid
 
@@ -39,6 +39,16 @@ class State:
     # backward, sent by max pooling to a (leaky) ReLU's output: E[f'(x)²] and E[f'(x_p)f'(x_q)]
     # at the positions the pool routes the gradient to (its window maxima), not ½
     gate: tuple[M, M] | None = None
+    # forward: E[x], the mean every element shares (a ReLU's output and what adds, scales or
+    # pools it without random weights); m and k include its square
+    mean: M = 0
+    # backward: how a train-mode batchnorm below couples the samples of a batch, (B−1)·P times
+    # the covariance of two samples' gradients (same channel); the batch sum has
+    # E[(Σ_{b,p} Δ)²]/(B·P) = m + (P−1)·k + batch, which a batchnorm makes 0
+    batch: M = 0
+    # both passes, after a concat: (channels, state) of each group of channels that came in
+    # separately; m, k and mean are then their channel-weighted averages
+    parts: tuple[tuple[int, State], ...] | None = None
 
 
 ExactForward = Callable[[Node, Sequence[State]], State]
@@ -65,13 +75,24 @@ def scaled(x: State, factor: M, rectified: bool = True) -> State:
     near = None if x.near is None else factor * x.near
     pre = x.rectified if rectified and x.rectified is not None else None
     return State(factor * x.m, factor * x.k, near=near,
-                 rectified=None if pre is None else (pre[0], scaled(pre[1], factor)))
+                 rectified=None if pre is None else (pre[0], scaled(pre[1], factor)),
+                 mean=0 if _zero(x.mean) else x.mean * _root(factor),
+                 parts=None if x.parts is None else tuple((n, scaled(p, factor, rectified)) for n, p in x.parts))
 
 
 def bordered(x: State, factor: M) -> State:
     """A window op's output with its border correction (``assumptions.border_factors``): the
     position average of m and k moves; the neighbour covariance, an interior quantity, does not."""
-    return State(factor * x.m, factor * x.k, near=x.near, rectified=x.rectified, gate=x.gate)
+    parts = None if x.parts is None else tuple((n, bordered(p, factor)) for n, p in x.parts)
+    return replace(x, m=factor * x.m, k=factor * x.k, parts=parts)
+
+
+def _zero(value: M) -> bool:
+    return not expr.is_symbolic(value) and value == 0
+
+
+def _root(value: M) -> M:
+    return expr.sqrt(value) if _sympy(value) else math.sqrt(max(value, 0.0))
 
 
 def _paper(op: str) -> ExactRule:
@@ -81,11 +102,13 @@ def _paper(op: str) -> ExactRule:
     def forward(node: Node, xs: Sequence[State]) -> State:
         m = rule.forward(node, [x.m for x in xs])
         positive = op != "scale" or expr.is_symbolic(node.attrs["value"]) or node.attrs["value"] > 0
-        return scaled(xs[0], _ratio(m, xs[0].m), rectified=positive and op != "flatten")
+        out = scaled(xs[0], _ratio(m, xs[0].m), rectified=positive and op != "flatten")
+        return replace(out, mean=xs[0].mean * node.attrs["value"]) if op == "scale" else replace(out, mean=xs[0].mean)
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         gs = rule.backward(node, [x.m for x in xs], dy.m)
-        return tuple(State(g, _ratio(g, dy.m) * dy.k) for g in gs)
+        return tuple(State(g, _ratio(g, dy.m) * dy.k, batch=_ratio(g, dy.m) * dy.batch if op != "flatten" else 0)
+                     for g in gs)
 
     return ExactRule(forward, backward)
 
@@ -127,7 +150,24 @@ def _conv_forward(node: Node, xs: Sequence[State]) -> State:
 def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
     """g as in Eq. 10 (exact taps);  gk' = gk·(g'/g)·shared (input pairs, ``_shared_taps``)."""
     g = RULES["conv"].backward(node, [xs[0].m], dy.m)[0]
-    return (State(g, _ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)),)
+    return (_summed(node, State(g, _ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)),
+                    dy, _ratio(g, dy.m)),)
+
+
+def _summed(node: Node, dx: State, dy: State, factor: M) -> State:
+    """dx with the batch coupling of dy carried through a linear map that scales the batch sum:
+    E[(ΣΔx)²] = factor·E[(ΣΔy)²] (Σ over batch and positions of one channel).
+
+    A conv gives Σ_p Δx_p = Σ_t Wₜᵀ·Σ_p Δy_p when every tap of every output reads a real input,
+    so the batch sum scales like g (exact without padding); a pool hands each output's gradient
+    to its window, so the sum is kept. The coupling is what is left of the sum's variance
+    once the within-sample terms m + (P−1)·k are taken out.
+    """
+    if _zero(dy.batch):
+        return dx
+    p_in, p_out = node.in_shapes[0].positions, node.shape.positions
+    total = factor * (dy.m + (p_out - 1) * dy.k + dy.batch) * p_out / p_in
+    return replace(dx, batch=total - dx.m - (p_in - 1) * dx.k)
 
 
 def _near(x: State) -> M:
@@ -138,14 +178,18 @@ EXACT["conv"] = ExactRule(_conv_forward, _conv_backward)
 
 
 def _vector_out(op: str) -> ExactRule:
-    """Linear layers: different output features use independent weights, so k = 0 after."""
+    """Linear layers. A vector has no positions: its k is the covariance of two samples, which
+    the shared weights pass on like E[x²] (the calculus takes it equal to the covariance of two
+    positions in a map: both come from the weights)."""
     rule = RULES[op]
 
     def forward(node: Node, xs: Sequence[State]) -> State:
-        return State(rule.forward(node, [xs[0].m]), 0)
+        m = rule.forward(node, [xs[0].m])
+        return State(m, _ratio(m, xs[0].m) * xs[0].k)
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
-        return (State(rule.backward(node, [xs[0].m], dy.m)[0], 0),)
+        g = rule.backward(node, [xs[0].m], dy.m)[0]
+        return (State(g, 0, batch=_ratio(g, dy.m) * dy.batch),)
 
     return ExactRule(forward, backward)
 
@@ -156,31 +200,66 @@ EXACT["linear"] = _vector_out("linear")
 def _dropout_forward(node: Node, xs: Sequence[State]) -> State:
     """Masks are independent across positions: m/(1−p), but k is unchanged."""
     p = node.attrs["p"]
-    return State(xs[0].m / (1 - p), xs[0].k)
+    return State(xs[0].m / (1 - p), xs[0].k, mean=xs[0].mean)
 
 
 EXACT["dropout"] = ExactRule(_dropout_forward,
-                             lambda node, xs, dy: (State(dy.m / (1 - node.attrs["p"]), dy.k),))
+                             lambda node, xs, dy: (State(dy.m / (1 - node.attrs["p"]), dy.k, batch=dy.batch),))
 
 
 def _weights(node: Node) -> Sequence[M]:
     return node.attrs.get("weights") or (1,) * len(node.inputs)
 
 
+def _add_forward(node: Node, xs: Sequence[State]) -> State:
+    """m' = Σ aᵢ²mᵢ + Σ_{i≠j} aᵢaⱼμᵢμⱼ (k' likewise), μ' = Σ aᵢμᵢ: the fluctuations of the
+    branches are uncorrelated, their means are not random and add up."""
+    weights = _weights(node)
+    mean = sum(a * x.mean for a, x in zip(weights, xs))
+    cross = mean**2 - sum((a * x.mean) ** 2 for a, x in zip(weights, xs))
+    return State(sum(a**2 * x.m for a, x in zip(weights, xs)) + cross,
+                 sum(a**2 * x.k for a, x in zip(weights, xs)) + cross, mean=mean)
+
+
 EXACT["add"] = ExactRule(
-    lambda node, xs: State(sum(a**2 * x.m for a, x in zip(_weights(node), xs)),
-                           sum(a**2 * x.k for a, x in zip(_weights(node), xs))),
-    lambda node, xs, dy: tuple(State(a**2 * dy.m, a**2 * dy.k) for a in _weights(node)),
+    _add_forward,
+    lambda node, xs, dy: tuple(State(a**2 * dy.m, a**2 * dy.k, batch=a**2 * dy.batch) for a in _weights(node)),
 )
 
 
+def joined(parts: Sequence[tuple[int, State]]) -> State:
+    """One state for groups of channels: channel-weighted averages, the groups kept."""
+    if len(parts) == 1:
+        return parts[0][1]
+    total = sum(n for n, _ in parts)
+    return State(sum(n * x.m for n, x in parts) / total, sum(n * x.k for n, x in parts) / total,
+                 mean=sum(n * x.mean for n, x in parts) / total, batch=sum(n * x.batch for n, x in parts) / total,
+                 parts=tuple(parts))
+
+
+def _groups(x: State, channels: int) -> tuple[tuple[int, State], ...]:
+    return x.parts if x.parts is not None else ((channels, x),)
+
+
 def _concat_forward(node: Node, xs: Sequence[State]) -> State:
-    sizes = [s.channels for s in node.in_shapes]
-    total = sum(sizes)
-    return State(sum(n * x.m for n, x in zip(sizes, xs)) / total, sum(n * x.k for n, x in zip(sizes, xs)) / total)
+    """Each input's channels stay a group of their own: what reads them channel by channel
+    (a batchnorm, a ReLU) sees each group's moments, what mixes them (a conv) their average."""
+    return joined([g for x, s in zip(xs, node.in_shapes) for g in _groups(x, s.channels)])
 
 
-EXACT["concat"] = ExactRule(_concat_forward, lambda node, xs, dy: (dy,) * len(node.inputs))
+def _concat_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+    """Each input gets its own groups' gradient (all the same where the gradient is uniform)."""
+    if dy.parts is None:
+        return (dy,) * len(node.inputs)
+    out, start = [], 0
+    for x, s in zip(xs, node.in_shapes):
+        count = len(_groups(x, s.channels))
+        out.append(joined(dy.parts[start:start + count]))
+        start += count
+    return tuple(out)
+
+
+EXACT["concat"] = ExactRule(_concat_forward, _concat_backward)
 
 
 # --- ReLU family: the arc-cosine kernel --------------------------------------------------
@@ -201,6 +280,14 @@ def _acos(x: M, exact: bool) -> M:
 
 def _sympy(value: M) -> bool:
     return type(value).__module__.startswith("sympy")
+
+
+def _pi(value: M) -> M:
+    if _sympy(value):
+        import sympy
+
+        return sympy.pi
+    return math.pi
 
 
 def _trig(theta: M) -> tuple[M, M, M]:  # sin, cos and π, exact when theta is sympy
@@ -227,23 +314,48 @@ def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
         (the arc-cosine kernel of degree 1); leaky ReLU is relu(x) − a·relu(−x).
         """
         a, x = slope_of(node), xs[0]
+        if _shifted(x):
+            return _leaky_shifted(x, float(a))
         near = None if x.near is None else _arccos_kernel(x.m, x.near, a)
-        return State((1 + a**2) * x.m / 2, _arccos_kernel(x.m, x.k, a), near=near, rectified=(a, x))
+        mean = (1 - a) * _root(x.m / (2 * _pi(x.m)))  # E[relu(x)] = √(m/2π)
+        return State((1 + a**2) * x.m / 2, _arccos_kernel(x.m, x.k, a), near=near, rectified=(a, x), mean=mean)
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         """g' = (1+a²)g/2;  gk' = gk·((1+a²)(π−θ) + 2aθ)/2π: both units open with prob. (π−θ)/2π.
 
         Under a max pool the gradient reaches only window maxima, which are open more often:
-        the pool sends the gate E[f'(x)²], E[f'(x_p)f'(x_q)] at those positions instead.
+        the pool sends the gate E[f'(x)²], E[f'(x_p)f'(x_q)] at those positions instead. An
+        input with a mean μ opens more often than half the time: E[f'²] = Φ(h) + a²Φ(−h) and
+        the pair gate by quadrature (``gaussian.leaky_pair``).
         """
         a, x = slope_of(node), xs[0]
         if dy.gate is not None:
-            return (State(dy.m * dy.gate[0], dy.k * dy.gate[1]),)
+            return (State(dy.m * dy.gate[0], dy.k * dy.gate[1], batch=dy.batch * dy.gate[1]),)
+        if _shifted(x):
+            mu, var = float(x.mean), float(x.m - x.mean**2)
+            both = leaky_pair(mu, var, float(x.k - x.mean**2), float(a))[1]
+            return (State(dy.m * leaky_moments(mu, var, float(a))[2], dy.k * both, batch=dy.batch * both),)
         theta = _acos(_ratio(x.k, x.m), _sympy(x.m))
         pi = _trig(theta)[2]
-        return (State((1 + a**2) * dy.m / 2, dy.k * ((1 + a**2) * (pi - theta) + 2 * a * theta) / (2 * pi)),)
+        both = ((1 + a**2) * (pi - theta) + 2 * a * theta) / (2 * pi)
+        return (State((1 + a**2) * dy.m / 2, dy.k * both, batch=dy.batch * both),)
 
     return ExactRule(forward, backward)
+
+
+def _shifted(x: State) -> bool:
+    """A numeric input with a mean: the centred closed forms do not apply."""
+    return not _zero(x.mean) and not expr.is_symbolic(x.mean) and not expr.is_symbolic(x.m)
+
+
+def _leaky_shifted(x: State, a: float) -> State:
+    """f(x) = max(x, a·x) of x = μ + b + e (b the channel offset, variance k − μ²; e the
+    position's own part, variance m − k): the closed forms of a shifted Gaussian for m' and μ',
+    and E_b[E[f | b]²] for k' (``gaussian.leaky_moments`` and ``leaky_pair``)."""
+    mu, var = float(x.mean), float(x.m - x.mean**2)
+    mean, m2, _ = leaky_moments(mu, var, a)
+    near = None if x.near is None else leaky_pair(mu, var, float(x.near - x.mean**2), a)[0]
+    return State(m2, leaky_pair(mu, var, float(x.k - x.mean**2), a)[0], near=near, rectified=(a, x), mean=mean)
 
 
 EXACT["relu"] = _leaky(lambda node: 0)
@@ -275,21 +387,23 @@ def _avgpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[St
     shared = dy.k * t**2 / (p * big_k) ** 2
     if p > 1:  # the fraction (K−1)/(ρ²−1) of pairs that sit in one window
         shared = shared + (dy.m - dy.k) * (big_k - 1) * t / ((p - 1) * p * big_k**2)
-    return (State(g, shared),)
+    return (_summed(node, State(g, shared), dy, node.in_shapes[0].positions / node.shape.positions),)
 
 
 EXACT["avgpool"] = ExactRule(_avgpool_forward, _avgpool_backward)
 
 
 def _global_forward(node: Node, xs: Sequence[State]) -> State:
-    """m' = (m + (P−1)·k)/P over the P = ρ² positions; channels of the result are independent."""
+    """m' = (m + (P−1)·k)/P over the P = ρ² positions; k' = k, two samples' averages share the
+    channel offset."""
     p, x = node.in_shapes[0].positions, xs[0]
-    return State((x.m + (p - 1) * x.k) / p, 0)
+    return State((x.m + (p - 1) * x.k) / p, x.k, mean=x.mean)
 
 
 EXACT["global_avgpool"] = ExactRule(
     _global_forward,
-    lambda node, xs, dy: (State(dy.m / node.in_shapes[0].positions ** 2, dy.m / node.in_shapes[0].positions ** 2),),
+    lambda node, xs, dy: (_summed(node, State(dy.m / node.in_shapes[0].positions ** 2,
+                                              dy.m / node.in_shapes[0].positions ** 2), dy, 1),),
 )
 
 
@@ -304,13 +418,23 @@ def _maxpool_forward(node: Node, xs: Sequence[State]) -> State:
     moments come from the ReLU's Gaussian input (``rectified_max``), not from its output.
     """
     x = xs[0]
-    if x.rectified is not None and not _symbolic_ratio(x.rectified[1]):
-        a, pre = x.rectified
-        f2, _, _, _ = rectified_max(_window(node), float(_ratio(_near(pre), pre.m)), float(a))
+    if rectified := _rectified(x):
+        a, pre = rectified
+        f2, _, _, _, mean = rectified_max(_window(node), float(_ratio(_near(pre), pre.m)), float(a))
         f_pair = rectified_max(_window(node), float(_ratio(pre.k, pre.m)), float(a))[1]
-        return State(pre.m * f2, pre.m * f_pair)
-    mu1 = max_mean(_window(node))
-    return State(x.k + (x.m - x.k) * max_m2(_window(node)), x.k + (x.m - x.k) * mu1**2)
+        return State(pre.m * f2, pre.m * f_pair, mean=expr.sqrt(pre.m) * mean)
+    # max(μ + b + zᵢ) = μ + b + max z: the mean adds 2μ·E[max z] to both moments
+    mu1, spread = max_mean(_window(node)), _root(x.m - x.k)
+    lift = 2 * x.mean * spread * mu1
+    return State(x.k + (x.m - x.k) * max_m2(_window(node)) + lift, x.k + (x.m - x.k) * mu1**2 + lift,
+                 mean=x.mean + spread * mu1)
+
+
+def _rectified(x: State) -> tuple[M, State] | None:
+    """(slope, input) where max pooling reads a (leaky) ReLU of a centred Gaussian with numbers."""
+    if x.rectified is not None and _zero(x.rectified[1].mean) and not _symbolic_ratio(x.rectified[1]):
+        return x.rectified
+    return None
 
 
 def _maxpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
@@ -319,10 +443,12 @@ def _maxpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[St
     window, x = _window(node), xs[0]
     share = node.shape.positions / node.in_shapes[0].positions
     gate = None
-    if x.rectified is not None and not _symbolic_ratio(x.rectified[1]):
-        a, pre = x.rectified
-        gate = rectified_max(window, float(_ratio(_near(pre), pre.m)), float(a))[2:]
-    return (State(dy.m * share, dy.k * share / window, gate=gate),)
+    if rectified := _rectified(x):
+        a, pre = rectified
+        gate = rectified_max(window, float(_ratio(_near(pre), pre.m)), float(a))[2:4]
+    # each window's gradient goes to one input, so the sum over positions is kept
+    return (_summed(node, State(dy.m * share, dy.k * share / window, gate=gate), dy,
+                    node.in_shapes[0].positions / node.shape.positions),)
 
 
 def _symbolic_ratio(x: State) -> bool:
@@ -341,10 +467,21 @@ def _batchnorm_forward(node: Node, xs: Sequence[State]) -> State:
     return State(v / (v + BN_EPS), 0)
 
 
+def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+    """g' = g/(v+ε), gk' = gk/(v+ε), and the gradient below sums to zero per channel.
+
+    Train-mode BN's gradient is (Δy − mean(Δy) − ŷ·mean(Δy·ŷ))/σ, means over the batch and the
+    positions of a channel. Both means are over B·P terms: they remove a part 1/(B·P) of g and
+    the batch-mean 1/B of a per-sample shared gradient gk (a pooling below), which is kept.
+    """
+    v, p = xs[0].m - xs[0].k + BN_EPS, node.shape.positions
+    return (State(dy.m / v, dy.k / v, batch=-(dy.m + (p - 1) * dy.k) / v),)
+
+
 EXACT["batchnorm"] = ExactRule(
     _batchnorm_forward,
-    lambda node, xs, dy: (State(dy.m / (xs[0].m - xs[0].k + BN_EPS), 0),),
-    "batchnorm: the gradient's projection terms are neglected",
+    _batchnorm_backward,
+    "batchnorm: the gradient's 1/batch terms are neglected",
 )
 EXACT["layernorm"] = ExactRule(
     lambda node, xs: State(xs[0].m / (xs[0].m + BN_EPS), xs[0].k / (xs[0].m + BN_EPS)),
@@ -359,20 +496,36 @@ def _smooth(op: str, f: Callable[[float], float], df: Callable[[float], float]) 
     paper = RULES[op]
 
     def forward(node: Node, xs: Sequence[State]) -> State:
+        """E[f(x)²], E[f(x_p)f(x_q)] and E[f(x)] for x = μ + b + e (b: channel offset)."""
         x = xs[0]
-        if expr.is_symbolic(x.m) or expr.is_symbolic(x.k):
+        if _symbolic(x):
             m = paper.forward(node, [x.m])
             return State(m, _ratio(m, x.m) * x.k)
-        return State(gauss(f, float(x.m)), pair(f, float(x.m), float(x.k)))
+        mu, var, cov = _centred(x)
+        g = (lambda z: f(z + mu)) if mu else f
+        return State(gauss(g, var), pair(g, var, cov), mean=gauss(g, var, power=1))
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         x = xs[0]
-        if expr.is_symbolic(x.m) or expr.is_symbolic(x.k):
+        if _symbolic(x):
             g = paper.backward(node, [x.m], dy.m)[0]
-            return (State(g, _ratio(g, dy.m) * dy.k),)
-        return (State(gauss(df, float(x.m)) * dy.m, pair(df, float(x.m), float(x.k)) * dy.k),)
+            return (State(g, _ratio(g, dy.m) * dy.k, batch=_ratio(g, dy.m) * dy.batch),)
+        mu, var, cov = _centred(x)
+        dg = (lambda z: df(z + mu)) if mu else df
+        both = pair(dg, var, cov)
+        return (State(gauss(dg, var) * dy.m, both * dy.k, batch=both * dy.batch),)
 
     return ExactRule(forward, backward, f"{op}: Gaussian-input quadrature")
+
+
+def _symbolic(x: State) -> bool:
+    return expr.is_symbolic(x.m) or expr.is_symbolic(x.k) or expr.is_symbolic(x.mean)
+
+
+def _centred(x: State) -> tuple[float, float, float]:
+    """Mean, variance and channel-offset covariance of the fluctuation around the mean."""
+    mu = float(x.mean)
+    return mu, float(x.m) - mu * mu, float(x.k) - mu * mu
 
 
 EXACT["tanh"] = _smooth("tanh", math.tanh, lambda x: 1 - math.tanh(x) ** 2)
@@ -381,31 +534,72 @@ EXACT["gelu"] = _smooth("gelu", lambda x: x * cdf(x),
                         lambda x: cdf(x) + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi))
 
 
+def _per_group(rule: ExactRule) -> ExactRule:
+    """A channel-wise op applied to each group of channels a concat brought together."""
+    def forward(node: Node, xs: Sequence[State]) -> State:
+        x = xs[0]
+        if x.parts is None:
+            return rule.forward(node, xs)
+        return joined([(n, rule.forward(node, [p])) for n, p in x.parts])
+
+    def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+        x = xs[0]
+        if x.parts is None:
+            return rule.backward(node, xs, dy)
+        grads = dy.parts or tuple((n, dy) for n, _ in x.parts)
+        return (joined([(n, rule.backward(node, [p], g)[0]) for (n, p), (_, g) in zip(x.parts, grads)]),)
+
+    return ExactRule(forward, backward, rule.note)
+
+
+for _op in ("relu", "leaky_relu", "batchnorm", "scale", "bias", "identity", "dropout", "tanh", "sigmoid", "gelu",
+            "avgpool", "maxpool", "global_avgpool"):
+    EXACT[_op] = _per_group(EXACT[_op])
+
+
+def added(a: State, b: State) -> State:
+    """The gradient a node gets from two readers: their sum, group by group."""
+    if a.parts is None and b.parts is None:
+        return State(a.m + b.m, a.k + b.k, batch=a.batch + b.batch)
+    groups_a = a.parts or tuple((n, a) for n, _ in b.parts or ())
+    groups_b = b.parts or tuple((n, b) for n, _ in groups_a)
+    return joined([(n, added(x, y)) for (n, x), (_, y) in zip(groups_a, groups_b)])
+
+
 def bias_grad_m2(node: Node, dy: State) -> M:
     """Per-sample E[Δb²] of a per-channel bias: Σ over the P output positions of one channel's
-    gradient, P·g + P(P−1)·gk — the pair terms matter under a pooling layer (Eq. 7 extended)."""
+    gradient, P·g + P(P−1)·gk — the pair terms matter under a pooling layer (Eq. 7 extended) —
+    plus the batch coupling: the batch gradient's mean square over the batch size."""
     p = node.shape.positions
-    return dy.m * p + dy.k * p * (p - 1)
+    return dy.m * p + dy.k * p * (p - 1) + dy.batch * p  # 0 right above a batchnorm
 
 
 def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, State] | None = None) -> M:
-    """Per-sample E[ΔW²] of a conv/linear layer, per weight (τ = T/k² uses of each tap,
-    π = (S − T)/k² ordered pairs of positions using it, τ(τ−1) without padding):
+    """E[ΔW²] per weight of a conv/linear layer's batch gradient over the batch size (the
+    per-sample E[ΔW²] where samples are independent). With τ = T/k² uses of each tap,
+    π = (S − T)/k² ordered pairs of positions using it, and σ(h) = π·gk_h + τ²·batch_h/P the
+    weight of the shared parts of a gradient h over pairs of positions and of samples:
 
-        τ·m·g  +  π·k·gk  +  π·gk_h·E[W²]·m²·(1−a)²/(2π·E[y²]).
+        τ·m·g  +  k·σ(Δy)  +  σ(h)·E[W²]·m_own²·(1−a)²/(2π·E[y²]).
 
-    The first term is Thm 1. The second pairs the shared parts of input and gradient. The
+    The first term is Thm 1. The second pairs the shared parts of input and gradient: the
+    input's k is shared by positions and (it comes from the weights) by samples alike; a
+    batchnorm below makes σ(Δy) negative, so the shared input drops out of Σ_b,p x·Δy. The
     third appears when the layer feeds a (leaky) ReLU whose output gradient h has a shared
-    part gk_h (a pooling below): the unit's mask 1[y > 0] is correlated with each input,
+    part: the unit's mask 1[y > 0] is correlated with each input,
     E[x·1[y>0]] = W·m·(1−a)/√(2π·E[y²]) for a Gaussian pre-activation, so the products of
     two positions no longer average out. ``mask`` is (a, gradient state at the ReLU output).
     """
-    t, k2 = node.attrs["taps"], node.attrs["k2"]
+    t, k2, p = node.attrs["taps"], node.attrs["k2"], node.shape.positions
     pairs = node.attrs["pairs"] - t  # Σ over taps of the ordered pairs of positions that use it
-    total = x.m * dy.m * t / k2 + x.k * dy.k * pairs / k2
+
+    def shared(h: State) -> M:
+        return h.k * pairs / k2 + h.batch * (t / k2) ** 2 / p
+
+    total = x.m * dy.m * t / k2 + x.k * shared(dy)
     if mask is not None and node.init is not None:
         a, h = mask
         pi = _trig(x.m)[2] if _sympy(x.m) else math.pi
         own = x.m - x.k  # the position-specific part; the shared part is in the second term
-        total = total + h.k * node.init.m2 * own**2 * (1 - a) ** 2 * pairs / (2 * pi * y.m * k2)
+        total = total + shared(h) * node.init.m2 * own**2 * (1 - a) ** 2 / (2 * pi * y.m)
     return total

@@ -22,11 +22,48 @@ def hermite() -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(nodes.tolist()), tuple((weights / math.sqrt(2 * math.pi)).tolist())
 
 
-def gauss(f: Callable[[float], float], var: float) -> float:
-    """E[f(z)²] for z ~ N(0, var)."""
+def gauss(f: Callable[[float], float], var: float, power: int = 2) -> float:
+    """E[f(z)²] (or E[f(z)] with ``power=1``) for z ~ N(0, var)."""
     nodes, weights = hermite()
     sd = math.sqrt(var)
-    return sum(w * f(sd * z) ** 2 for z, w in zip(nodes, weights))
+    return sum(w * f(sd * z) ** power for z, w in zip(nodes, weights))
+
+
+def density(x: float) -> float:
+    """φ(x), the standard normal density."""
+    return math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+
+def leaky_moments(mu: float, var: float, a: float) -> tuple[float, float, float]:
+    """E[f(u)], E[f(u)²] and E[f'(u)²] for f(x) = max(x, a·x), u ~ N(μ, var), in closed form.
+
+    With s = √var and h = μ/s: E[relu(u)] = μΦ(h) + sφ(h), E[relu(u)²] = (μ² + s²)Φ(h) + μsφ(h),
+    and f(u) = relu(u) − a·relu(−u), whose two parts never overlap.
+    """
+    if var <= 0:
+        return max(mu, a * mu), max(mu, a * mu) ** 2, 1.0 if mu > 0 else a * a
+    s = math.sqrt(var)
+    up, down, phi = cdf(mu / s), cdf(-mu / s), density(mu / s)
+    first = (mu * up + s * phi) - a * (-mu * down + s * phi)
+    second = (mu * mu + var) * up + mu * s * phi + a * a * ((mu * mu + var) * down - mu * s * phi)
+    return first, second, up + a * a * down
+
+
+def leaky_pair(mu: float, var: float, cov: float, a: float) -> tuple[float, float]:
+    """E[f(u)f(v)] and E[f'(u)f'(v)] for f(x) = max(x, a·x) and a Gaussian pair of mean μ,
+    variance var and covariance cov ≥ 0: u = μ + b + e₁, v = μ + b + e₂ with b ~ N(0, cov) and
+    e ~ N(0, var − cov). Given b the two are independent: E[f | b] is ``leaky_moments``' first
+    moment and E[f' | b] = (1−a)·Φ(x/s) + a (x = μ + b, s² = var − cov); b is integrated by
+    Gauss–Hermite quadrature, which is accurate because both conditional means are smooth in b."""
+    nodes, weights = hermite()
+    shared, own = math.sqrt(max(cov, 0.0)), max(var - max(cov, 0.0), 0.0)
+    value = slope = 0.0
+    for z, w in zip(nodes, weights):
+        x = mu + shared * z
+        gate = (1 - a) * cdf(x / math.sqrt(own)) + a if own > 0 else (1.0 if x > 0 else a)
+        value += w * leaky_moments(x, own, a)[0] ** 2
+        slope += w * gate**2
+    return value, slope
 
 
 @lru_cache(maxsize=64)
@@ -48,11 +85,11 @@ def pair(f: Callable[[float], float], m: float, k: float) -> float:
 
 
 @lru_cache(maxsize=256)
-def rectified_max(window: int, rho: float, a: float) -> tuple[float, float, float, float]:
+def rectified_max(window: int, rho: float, a: float) -> tuple[float, float, float, float, float]:
     """Moments of f(b + M) for f(x) = max(x, a·x), b ~ N(0, ρ), M the max of ``window`` iid
     N(0, 1−ρ) (a unit-variance input whose positions share a fraction ρ):
 
-        E[f²],  E_b[E[f | b]²],  E[f'²],  E_b[E[f' | b]²].
+        E[f²],  E_b[E[f | b]²],  E[f'²],  E_b[E[f' | b]²],  E[f].
 
     The first two are E[y²] and the covariance of two windows of one channel (they share b
     only); the last two gate the gradient routed to the window maxima. M has density
@@ -63,15 +100,15 @@ def rectified_max(window: int, rho: float, a: float) -> tuple[float, float, floa
 
     t = np.linspace(-9.0, 9.0, 3601)
     below = np.array([cdf(v) for v in t.tolist()])
-    density = window * np.exp(-t * t / 2) / math.sqrt(2 * math.pi) * below ** (window - 1)
+    pdf = window * np.exp(-t * t / 2) / math.sqrt(2 * math.pi) * below ** (window - 1)
     rho = min(max(rho, 0.0), 1.0)
     nodes, weights = (np.array(v) for v in hermite())
     x = math.sqrt(rho) * nodes[:, None] + math.sqrt(1 - rho) * t[None, :]  # (b nodes, grid)
     f = np.where(x > 0, x, a * x)
     df = np.where(x > 0, 1.0, a)
-    mean = [np.trapezoid(v * density, t, axis=1) for v in (f * f, f, df * df, df)]
+    mean = [np.trapezoid(v * pdf, t, axis=1) for v in (f * f, f, df * df, df)]
     return (float(weights @ mean[0]), float(weights @ mean[1] ** 2),
-            float(weights @ mean[2]), float(weights @ mean[3] ** 2))
+            float(weights @ mean[2]), float(weights @ mean[3] ** 2), float(weights @ mean[1]))
 
 
 def max_mean(k: int) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 from scalecalc import expr
 from scalecalc.assumptions import Checks, border_factors, check
 from scalecalc.errors import ScalecalcError
-from scalecalc.exact import EXACT, State, bias_grad_m2, bordered, weight_grad_m2
+from scalecalc.exact import EXACT, State, added, bias_grad_m2, bordered, weight_grad_m2
 from scalecalc.graph import Network, Node
 from scalecalc.rules import RULES, Rule
 
@@ -102,12 +102,11 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
         g = bwd[node.name]
         bwd[node.name] = g = replace(g, m=_finite(tidy(g.m), node, "E[Δx²]"))
         b = border.get(node.name, (1, 1, 1))[1]
-        sent[node.name] = tuple(replace(s, m=s.m * b, k=s.k * b)
-                                for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
+        sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
         for src, grad in zip(node.inputs, sent[node.name]):
             # a gate holds for the gradient of one reader only; with several it is dropped (½ again)
-            bwd[src] = grad if bwd[src] == State(0, 0) else State(bwd[src].m + grad.m, bwd[src].k + grad.k)
-    bwd["input"] = State(tidy(bwd["input"].m), tidy(bwd["input"].k))
+            bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
+    bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))
     checks = check(net, calculus)
     results, changes = [], []
     masks = _masks(net, bwd) if exact else {}
@@ -185,6 +184,8 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
     if a.get("bias") is True or node.op == "bias":
         if exact:  # E[Δb²]/E[y²], the pair terms included
             gamma_bias = tidy(bias_grad_m2(node, bwd_states[node.name]) / y)
+            if _is_zero(gamma_bias):
+                notes.append("bias: a batchnorm below subtracts it again; its gradient is zero")
         else:  # Eq. 7: ρ²·E[Δy²]/E[y²]
             gamma_bias = tidy(node.shape.positions * dy / y)
     change = None
@@ -203,7 +204,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
 
 def _summary(results: list[NodeResult], changes: list[VarsigmaChange], out: M, tidy: Any) -> Summary:
     gammas = [r.gamma for r in results if r.gamma is not None]
-    biases = [r.gamma_bias for r in results if r.gamma_bias is not None]
+    biases = [r.gamma_bias for r in results if r.gamma_bias is not None and not _is_zero(r.gamma_bias)]
     lo, hi, spread = _range(gammas, tidy)
     return Summary(lo, hi, spread, _range(biases, tidy)[2], out, tuple(changes),
                    all(r.exact for r in results))
@@ -226,6 +227,10 @@ def _finite(value: M, node: Node, what: str) -> M:
         raise ScalecalcError(f"{node.where}: {what} of {node.name!r} is {float(value):.3g}; the signal "
                              "overflows or vanishes here (check scale values and widths)")
     return value
+
+
+def _is_zero(value: M) -> bool:
+    return not expr.is_symbolic(value) and value == 0
 
 
 def _is_one(value: M, tolerance: float) -> bool:

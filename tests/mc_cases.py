@@ -29,6 +29,9 @@ class MCCase:
     draws: int  # independent weight draws (and fresh inputs, gradients, masks)
     seed: int
     tol: float | None = None  # relative tolerance, approximate rules only
+    # γ from the batch gradient (its mean square over the batch size, as `verify` measures)
+    # instead of per-sample gradients: train-mode batchnorm couples the samples
+    batch_gradient: bool = False
 
 
 # Sizing: within one draw the weights are shared, so a moment's draw-to-draw spread is set
@@ -355,4 +358,36 @@ layers:
   - {name: act, op: gelu}
   - {name: conv2, op: conv, out: 256, kernel: 1}
 """, batch=16, draws=128, seed=34, tol=0.05),
+    # a globally pooled gradient through train-mode BN: BN keeps the per-sample shared part
+    # (it removes only its batch mean, 1/64 here), so conv2's pair term stays; conv3's batch
+    # gradient sums to zero over batch and positions, so the ReLU mean (1/π of E[x²] at
+    # relu2) drops out of it and its pair term vanishes. Neglected: the 1/batch terms and
+    # E[1/σ_c²] > 1/E[σ_c²] over the channels (≈ 2/rank of the input's covariance), kept
+    # small by wide layers: 3%.
+    "batchnorm_pooled_gradient": MCCase("""
+name: mc-bn-pooled
+input: {channels: 128, size: 6}
+layers:
+  - {name: conv1, op: conv, out: 256, kernel: 1, bias: false}
+  - {name: relu1, op: relu}
+  - {name: conv2, op: conv, out: 256, kernel: 1, bias: false}
+  - {name: relu2, op: relu}
+  - {name: conv3, op: conv, out: 64, kernel: 1, bias: false}
+  - {name: bn, op: batchnorm}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 256}
+""", batch=64, draws=128, seed=36, tol=0.03, batch_gradient=True),
+    # BN after a concat normalises each group of channels by its own variance (16× apart
+    # here), so the two groups get gradients 16× apart, not their average
+    "concat_then_batchnorm": MCCase("""
+name: mc-concat-bn
+input: {channels: 128, size: 6}
+layers:
+  - {name: conv1, op: conv, out: 128, kernel: 1, bias: false}
+  - {name: grow, op: conv, out: 32, kernel: 1, bias: false, init: {scheme: fan_in, gain: 4}}
+  - {name: cat, op: concat, from: [conv1, grow]}
+  - {name: bn, op: batchnorm}
+  - {name: relu, op: relu}
+  - {name: conv2, op: conv, out: 256, kernel: 1}
+""", batch=16, draws=128, seed=37, tol=0.03),
 }

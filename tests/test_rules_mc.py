@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from scalecalc.codegen import EMITTERS
-from scalecalc.exact import EXACT
+from scalecalc.exact import EXACT, ExactRule, State
 from scalecalc.graph import build
 from scalecalc.propagate import Analysis, propagate
 from scalecalc.rules import RULES
@@ -246,11 +246,27 @@ def _batchnorm_then_gelu(net: Net, x: Tensor) -> Tensor:
     return net.conv("conv2", net.node("act", F.gelu(h)), 256, 1)
 
 
+def _batchnorm_pooled_gradient(net: Net, x: Tensor) -> Tensor:
+    h = net.node("relu1", F.relu(net.conv("conv1", x, 256, 1, bias=False)))
+    h = net.node("relu2", F.relu(net.conv("conv2", h, 256, 1, bias=False)))
+    h = net.conv("conv3", h, 64, 1, bias=False)
+    h = net.node("bn", F.batch_norm(h, None, None, *_affine(64), training=True, eps=1e-5))
+    return net.linear("fc", net.node("gap", h.mean((2, 3))), 256)
+
+
+def _concat_then_batchnorm(net: Net, x: Tensor) -> Tensor:
+    h = net.conv("conv1", x, 128, 1, bias=False)
+    h = net.node("cat", torch.cat([h, net.conv("grow", h, 32, 1, bias=False)], dim=1))
+    h = net.node("bn", F.batch_norm(h, None, None, *_affine(160), training=True, eps=1e-5))
+    return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
+
+
 REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "relu_then_avgpool": _relu_then_pool(lambda h: F.avg_pool2d(h, 2)),
     "relu_then_maxpool": _relu_then_pool(lambda h: F.max_pool2d(h, 2)),
     "residual_add": _residual_add, "concat_correlated": _concat_correlated,
     "small_map_pooled_gradient": _small_map_pooled_gradient, "batchnorm_then_gelu": _batchnorm_then_gelu,
+    "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "concat_then_batchnorm": _concat_then_batchnorm,
     "linear": _linear, "conv": _conv, "conv_same": _conv_same, "relu": _relu,
     "leaky_relu": _leaky_relu, "dropout": _dropout, "scale": _scale, "identity": _identity,
     "flatten": _flatten, "bias": _bias, "add": _add, "concat": _concat, "avgpool": _avgpool,
@@ -300,8 +316,9 @@ def _draw(case: MCCase, reference: Callable[[Net, Tensor], Tensor], net: Net, in
         out[name, "forward_m2"] = (m2[name], 1.0)
         out[name, "backward_m2"] = (t.grad.pow(2).mean().item(), 1.0)
     for name, layer in net.weighted.items():  # E[ΔW²] / E[W²]
-        out[name, "gamma"] = (_per_sample_weight_m2(layer, net.nodes[name].grad),
-                              layer.w.detach().pow(2).mean().item())
+        grad = (layer.w.grad.pow(2).mean().item() / case.batch if case.batch_gradient
+                else _per_sample_weight_m2(layer, net.nodes[name].grad))
+        out[name, "gamma"] = (grad, layer.w.detach().pow(2).mean().item())
     for name, b in net.biases.items():  # E[Δb²] / E[y²], Δb = one sample's Δy summed over positions
         dy = net.nodes[name].grad
         db = dy.flatten(2).sum(2) if dy.dim() > 2 else dy
@@ -501,6 +518,37 @@ def test_exact_calculus_on_combinations(name: str) -> None:
     else:
         assert case.tol is not None, "a case with approximate rules needs a tolerance"
         assert_agrees(found, case.tol, None)
+
+
+def _averaged_concat() -> ExactRule:
+    """concat as one group of channels: the channel-weighted average of its inputs."""
+    def forward(node: Any, xs: Any) -> State:
+        sizes = [s.channels for s in node.in_shapes]
+        return State(sum(n * x.m for n, x in zip(sizes, xs)) / sum(sizes),
+                     sum(n * x.k for n, x in zip(sizes, xs)) / sum(sizes))
+
+    return ExactRule(forward, lambda node, xs, dy: (State(dy.m, dy.k),) * len(node.inputs))
+
+
+def _decoupling_batchnorm() -> ExactRule:
+    """batchnorm whose gradient neither keeps a shared part nor couples the samples."""
+    rule = EXACT["batchnorm"]
+    return ExactRule(rule.forward, lambda node, xs, dy: (State(rule.backward(node, xs, dy)[0].m, 0),))
+
+
+@pytest.mark.parametrize(("name", "op", "simpler"), [("batchnorm_pooled_gradient", "batchnorm", _decoupling_batchnorm),
+                                                      ("concat_then_batchnorm", "concat", _averaged_concat)])
+def test_simpler_rules_miss_batchnorm_combinations(monkeypatch: pytest.MonkeyPatch, name: str, op: str,
+                                                  simpler: Callable[[], ExactRule]) -> None:
+    """Negative control: the batchnorm combinations fail with the simpler rules — a BN
+    gradient with no shared part and no batch coupling (conv3's γ comes out 2× too high, as
+    if the ReLU mean stayed in its batch gradient; conv2's 26%), and concat groups averaged
+    (the narrow group's gradient 2.4× too high, the concat's 28% too low)."""
+    monkeypatch.setitem(EXACT, op, simpler())
+    found = checks(analyse(name, "exact"), measure(name))
+    assert max(c.rel_err for c in found) > 0.5
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES[name].tol or 0, None)
 
 
 @pytest.mark.parametrize("name", ["relu_then_avgpool", "relu_then_maxpool"])
