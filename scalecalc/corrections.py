@@ -31,11 +31,12 @@ import networkx as nx
 from scalecalc import expr
 from scalecalc.assumptions import border_factors
 from scalecalc.errors import ScalecalcError
-from scalecalc.exact import EXACT, State, bordered, scaled
+from scalecalc.exact import EXACT
 from scalecalc.graph import Network, Node
 from scalecalc.init import Init, weight_m2
 from scalecalc.propagate import Analysis, propagate
 from scalecalc.rules import RULES
+from scalecalc.state import State, bordered, scaled
 
 DEFAULT_OUTPUT_STD = 0.05
 MAX_SWEEPS = 1000

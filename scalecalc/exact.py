@@ -9,90 +9,34 @@ two different positions of one channel; in the backward pass E[Δx²] = g and gk
 The pair (m, k) moves through the ops as follows (derivations in each rule's docstring);
 the m part is the paper rule wherever the shared part does not change it. Positions of a
 conv output are otherwise uncorrelated, because each applies different weights to shared
-inputs. ReLU of a correlated Gaussian pair uses the arc-cosine kernel; smooth activations
-use Gauss–Hermite quadrature in the same Gaussian approximation.
+inputs. The activations are in ``activations``, the state and its arithmetic in ``state``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import replace
 
 from scalecalc import expr
-from scalecalc.gaussian import cdf, gauss, leaky_moments, leaky_pair, max_m2, max_mean, pair, rectified_max
+from scalecalc.activations import ACTIVATIONS, shortcut_law, sum_moments
+from scalecalc.gaussian import max_m2, max_mean, rectified_max
 from scalecalc.graph import Node
-from scalecalc.rules import BN_EPS, RULES, _sigmoid
-
-M = Any
-
-
-@dataclass(frozen=True)
-class State:
-    m: M  # E[x²]
-    k: M  # E[x_p·x_q], p ≠ q, same channel
-    # forward: E[x_p·x_q] for neighbouring positions where it differs from k (small padded maps)
-    near: M | None = None
-    # forward, at a (leaky) ReLU's output: its slope and its Gaussian input, for max pooling
-    rectified: tuple[M, State] | None = None
-    # backward, sent by max pooling to a (leaky) ReLU's output: E[f'(x)²] and E[f'(x_p)f'(x_q)]
-    # at the positions the pool routes the gradient to (its window maxima), not ½
-    gate: tuple[M, M] | None = None
-    # forward: E[x], the mean every element shares (a ReLU's output and what adds, scales or
-    # pools it without random weights); m and k include its square
-    mean: M = 0
-    # backward: how a train-mode batchnorm below couples the samples of a batch, (B−1)·P times
-    # the covariance of two samples' gradients (same channel); the batch sum has
-    # E[(Σ_{b,p} Δ)²]/(B·P) = m + (P−1)·k + batch, which a batchnorm makes 0
-    batch: M = 0
-    # both passes, after a concat: (channels, state) of each group of channels that came in
-    # separately; m, k and mean are then their channel-weighted averages
-    parts: tuple[tuple[int, State], ...] | None = None
-
-
-ExactForward = Callable[[Node, Sequence[State]], State]
-ExactBackward = Callable[[Node, Sequence[State], State], Sequence[State]]  # (g, gk) states
-
-
-@dataclass(frozen=True)
-class ExactRule:
-    forward: ExactForward
-    backward: ExactBackward
-    note: str = ""
-
+from scalecalc.rules import BN_EPS, RULES
+from scalecalc.state import (
+    ExactRule,
+    M,
+    State,
+    add_weights,
+    groups,
+    is_zero,
+    joined,
+    pi_of,
+    ratio,
+    root,
+    scaled,
+)
 
 EXACT: dict[str, ExactRule] = {}
-
-
-def _ratio(a: M, b: M) -> M:
-    return 0 if b == 0 else a / b
-
-
-def scaled(x: State, factor: M, rectified: bool = True) -> State:
-    """x with every second moment multiplied by ``factor``; a positive multiple of a
-    (leaky) ReLU's output is that ReLU of the same multiple of its input."""
-    near = None if x.near is None else factor * x.near
-    pre = x.rectified if rectified and x.rectified is not None else None
-    return State(factor * x.m, factor * x.k, near=near,
-                 rectified=None if pre is None else (pre[0], scaled(pre[1], factor)),
-                 mean=0 if _zero(x.mean) else x.mean * _root(factor),
-                 parts=None if x.parts is None else tuple((n, scaled(p, factor, rectified)) for n, p in x.parts))
-
-
-def bordered(x: State, factor: M) -> State:
-    """A window op's output with its border correction (``assumptions.border_factors``): the
-    position average of m and k moves; the neighbour covariance, an interior quantity, does not."""
-    parts = None if x.parts is None else tuple((n, bordered(p, factor)) for n, p in x.parts)
-    return replace(x, m=factor * x.m, k=factor * x.k, parts=parts)
-
-
-def _zero(value: M) -> bool:
-    return not expr.is_symbolic(value) and value == 0
-
-
-def _root(value: M) -> M:
-    return expr.sqrt(value) if _sympy(value) else math.sqrt(max(value, 0.0))
 
 
 def _paper(op: str) -> ExactRule:
@@ -102,12 +46,12 @@ def _paper(op: str) -> ExactRule:
     def forward(node: Node, xs: Sequence[State]) -> State:
         m = rule.forward(node, [x.m for x in xs])
         positive = op != "scale" or expr.is_symbolic(node.attrs["value"]) or node.attrs["value"] > 0
-        out = scaled(xs[0], _ratio(m, xs[0].m), rectified=positive and op != "flatten")
+        out = scaled(xs[0], ratio(m, xs[0].m), rectified=positive and op != "flatten")
         return replace(out, mean=xs[0].mean * node.attrs["value"]) if op == "scale" else replace(out, mean=xs[0].mean)
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         gs = rule.backward(node, [x.m for x in xs], dy.m)
-        return tuple(State(g, _ratio(g, dy.m) * dy.k, batch=_ratio(g, dy.m) * dy.batch if op != "flatten" else 0)
+        return tuple(State(g, ratio(g, dy.m) * dy.k, batch=ratio(g, dy.m) * dy.batch if op != "flatten" else 0)
                      for g in gs)
 
     return ExactRule(forward, backward)
@@ -143,15 +87,15 @@ def _conv_forward(node: Node, xs: Sequence[State]) -> State:
     x = xs[0]
     m = RULES["conv"].forward(node, [x.m])
     source = _near(x) if node.attrs["stride"] == (1, 1) else x.k
-    return State(m, _ratio(m, x.m) * x.k * _shared_taps(node, node.shape.positions),
-                 near=_ratio(m, x.m) * source * node.attrs["near"])
+    return State(m, ratio(m, x.m) * x.k * _shared_taps(node, node.shape.positions),
+                 near=ratio(m, x.m) * source * node.attrs["near"])
 
 
 def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
     """g as in Eq. 10 (exact taps);  gk' = gk·(g'/g)·shared (input pairs, ``_shared_taps``)."""
     g = RULES["conv"].backward(node, [xs[0].m], dy.m)[0]
-    return (_summed(node, State(g, _ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)),
-                    dy, _ratio(g, dy.m)),)
+    return (_summed(node, State(g, ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)),
+                    dy, ratio(g, dy.m)),)
 
 
 def _summed(node: Node, dx: State, dy: State, factor: M) -> State:
@@ -163,7 +107,7 @@ def _summed(node: Node, dx: State, dy: State, factor: M) -> State:
     to its window, so the sum is kept. The coupling is what is left of the sum's variance
     once the within-sample terms m + (P−1)·k are taken out.
     """
-    if _zero(dy.batch):
+    if is_zero(dy.batch):
         return dx
     p_in, p_out = node.in_shapes[0].positions, node.shape.positions
     total = factor * (dy.m + (p_out - 1) * dy.k + dy.batch) * p_out / p_in
@@ -185,11 +129,11 @@ def _vector_out(op: str) -> ExactRule:
 
     def forward(node: Node, xs: Sequence[State]) -> State:
         m = rule.forward(node, [xs[0].m])
-        return State(m, _ratio(m, xs[0].m) * xs[0].k)
+        return State(m, ratio(m, xs[0].m) * xs[0].k)
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         g = rule.backward(node, [xs[0].m], dy.m)[0]
-        return (State(g, 0, batch=_ratio(g, dy.m) * dy.batch),)
+        return (State(g, 0, batch=ratio(g, dy.m) * dy.batch),)
 
     return ExactRule(forward, backward)
 
@@ -207,44 +151,39 @@ EXACT["dropout"] = ExactRule(_dropout_forward,
                              lambda node, xs, dy: (State(dy.m / (1 - node.attrs["p"]), dy.k, batch=dy.batch),))
 
 
-def _weights(node: Node) -> Sequence[M]:
-    return node.attrs.get("weights") or (1,) * len(node.inputs)
-
-
 def _add_forward(node: Node, xs: Sequence[State]) -> State:
     """m' = Σ aᵢ²mᵢ + Σ_{i≠j} aᵢaⱼμᵢμⱼ (k' likewise), μ' = Σ aᵢμᵢ: the fluctuations of the
-    branches are uncorrelated, their means are not random and add up."""
-    weights = _weights(node)
+    branches are uncorrelated, their means are not random and add up. Where one summand is a
+    ReLU output and the rest Gaussian, the sum's law is kept for the ReLU that may read it."""
+    weights = add_weights(node)
     mean = sum(a * x.mean for a, x in zip(weights, xs))
     cross = mean**2 - sum((a * x.mean) ** 2 for a, x in zip(weights, xs))
+    law = shortcut_law(node, xs)
     return State(sum(a**2 * x.m for a, x in zip(weights, xs)) + cross,
-                 sum(a**2 * x.k for a, x in zip(weights, xs)) + cross, mean=mean)
+                 sum(a**2 * x.k for a, x in zip(weights, xs)) + cross, mean=mean,
+                 law=None if law is None else law[1])
 
 
-EXACT["add"] = ExactRule(
-    _add_forward,
-    lambda node, xs, dy: tuple(State(a**2 * dy.m, a**2 * dy.k, batch=a**2 * dy.batch) for a in _weights(node)),
-)
+def _add_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+    """Each summand gets aᵢ²·g. Where a ReLU g reads the sum and one summand is a ReLU output
+    f(u), the two gates are correlated (u > 0 makes z > 0 likelier): that summand's gradient
+    reaches f at positions where f is open with E[f'²g'²]/E[g'²], not E[f'²]."""
+    out = [State(a**2 * dy.m, a**2 * dy.k, batch=a**2 * dy.batch) for a in add_weights(node)]
+    found = shortcut_law(node, xs)
+    if found is not None and dy.opened is not None:
+        i, law = found
+        r = sum_moments(law, dy.opened)
+        out[i] = replace(out[i], gates=((out[i].m, out[i].k, r.joint2 / r.open2, r.joint_pair / r.open_pair),))
+    return tuple(out)
 
 
-def joined(parts: Sequence[tuple[int, State]]) -> State:
-    """One state for groups of channels: channel-weighted averages, the groups kept."""
-    if len(parts) == 1:
-        return parts[0][1]
-    total = sum(n for n, _ in parts)
-    return State(sum(n * x.m for n, x in parts) / total, sum(n * x.k for n, x in parts) / total,
-                 mean=sum(n * x.mean for n, x in parts) / total, batch=sum(n * x.batch for n, x in parts) / total,
-                 parts=tuple(parts))
-
-
-def _groups(x: State, channels: int) -> tuple[tuple[int, State], ...]:
-    return x.parts if x.parts is not None else ((channels, x),)
+EXACT["add"] = ExactRule(_add_forward, _add_backward)
 
 
 def _concat_forward(node: Node, xs: Sequence[State]) -> State:
     """Each input's channels stay a group of their own: what reads them channel by channel
     (a batchnorm, a ReLU) sees each group's moments, what mixes them (a conv) their average."""
-    return joined([g for x, s in zip(xs, node.in_shapes) for g in _groups(x, s.channels)])
+    return joined([g for x, s in zip(xs, node.in_shapes) for g in groups(x, s.channels)])
 
 
 def _concat_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
@@ -253,113 +192,13 @@ def _concat_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[Sta
         return (dy,) * len(node.inputs)
     out, start = [], 0
     for x, s in zip(xs, node.in_shapes):
-        count = len(_groups(x, s.channels))
+        count = len(groups(x, s.channels))
         out.append(joined(dy.parts[start:start + count]))
         start += count
     return tuple(out)
 
 
 EXACT["concat"] = ExactRule(_concat_forward, _concat_backward)
-
-
-# --- ReLU family: the arc-cosine kernel --------------------------------------------------
-
-def _acos(x: M, exact: bool) -> M:
-    """arccos of a correlation. With symbolic moments the uncorrelated case stays a closed
-    form (θ = π/2: the ReLU mean m/2π); any other correlation that is a plain number is taken
-    numerically, because nested arccos terms would grow without bound through a deep net."""
-    if exact:
-        import sympy
-
-        value = sympy.sympify(x)
-        if value == 0 or value.free_symbols:
-            return sympy.acos(value)
-        return math.acos(max(-1.0, min(1.0, float(value))))
-    return math.acos(max(-1.0, min(1.0, float(x))))
-
-
-def _sympy(value: M) -> bool:
-    return type(value).__module__.startswith("sympy")
-
-
-def _pi(value: M) -> M:
-    if _sympy(value):
-        import sympy
-
-        return sympy.pi
-    return math.pi
-
-
-def _trig(theta: M) -> tuple[M, M, M]:  # sin, cos and π, exact when theta is sympy
-    if _sympy(theta):
-        import sympy
-
-        return sympy.sin(theta), sympy.cos(theta), sympy.pi
-    return math.sin(theta), math.cos(theta), math.pi
-
-
-def _arccos_kernel(m: M, k: M, a: M) -> M:
-    theta = _acos(_ratio(k, m), _sympy(m))
-    sin, cos, pi = _trig(theta)
-    j_same = m * (sin + (pi - theta) * cos) / (2 * pi)
-    j_flip = m * (sin - theta * cos) / (2 * pi)  # J at correlation −k/m
-    return (1 + a**2) * j_same - 2 * a * j_flip
-
-
-def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
-    def forward(node: Node, xs: Sequence[State]) -> State:
-        """m' = (1+a²)m/2;  k' = (1+a²)·J(θ) − 2a·J(π−θ),  J(θ) = m(sin θ + (π−θ)cos θ)/2π, cos θ = k/m.
-
-        J is E[relu(u)relu(v)] for a centred Gaussian pair of variance m and covariance k
-        (the arc-cosine kernel of degree 1); leaky ReLU is relu(x) − a·relu(−x).
-        """
-        a, x = slope_of(node), xs[0]
-        if _shifted(x):
-            return _leaky_shifted(x, float(a))
-        near = None if x.near is None else _arccos_kernel(x.m, x.near, a)
-        mean = (1 - a) * _root(x.m / (2 * _pi(x.m)))  # E[relu(x)] = √(m/2π)
-        return State((1 + a**2) * x.m / 2, _arccos_kernel(x.m, x.k, a), near=near, rectified=(a, x), mean=mean)
-
-    def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
-        """g' = (1+a²)g/2;  gk' = gk·((1+a²)(π−θ) + 2aθ)/2π: both units open with prob. (π−θ)/2π.
-
-        Under a max pool the gradient reaches only window maxima, which are open more often:
-        the pool sends the gate E[f'(x)²], E[f'(x_p)f'(x_q)] at those positions instead. An
-        input with a mean μ opens more often than half the time: E[f'²] = Φ(h) + a²Φ(−h) and
-        the pair gate by quadrature (``gaussian.leaky_pair``).
-        """
-        a, x = slope_of(node), xs[0]
-        if dy.gate is not None:
-            return (State(dy.m * dy.gate[0], dy.k * dy.gate[1], batch=dy.batch * dy.gate[1]),)
-        if _shifted(x):
-            mu, var = float(x.mean), float(x.m - x.mean**2)
-            both = leaky_pair(mu, var, float(x.k - x.mean**2), float(a))[1]
-            return (State(dy.m * leaky_moments(mu, var, float(a))[2], dy.k * both, batch=dy.batch * both),)
-        theta = _acos(_ratio(x.k, x.m), _sympy(x.m))
-        pi = _trig(theta)[2]
-        both = ((1 + a**2) * (pi - theta) + 2 * a * theta) / (2 * pi)
-        return (State((1 + a**2) * dy.m / 2, dy.k * both, batch=dy.batch * both),)
-
-    return ExactRule(forward, backward)
-
-
-def _shifted(x: State) -> bool:
-    """A numeric input with a mean: the centred closed forms do not apply."""
-    return not _zero(x.mean) and not expr.is_symbolic(x.mean) and not expr.is_symbolic(x.m)
-
-
-def _leaky_shifted(x: State, a: float) -> State:
-    """f(x) = max(x, a·x) of x = μ + b + e (b the channel offset, variance k − μ²; e the
-    position's own part, variance m − k): the closed forms of a shifted Gaussian for m' and μ',
-    and E_b[E[f | b]²] for k' (``gaussian.leaky_moments`` and ``leaky_pair``)."""
-    mu, var = float(x.mean), float(x.m - x.mean**2)
-    mean, m2, _ = leaky_moments(mu, var, a)
-    near = None if x.near is None else leaky_pair(mu, var, float(x.near - x.mean**2), a)[0]
-    return State(m2, leaky_pair(mu, var, float(x.k - x.mean**2), a)[0], near=near, rectified=(a, x), mean=mean)
-
-
-EXACT["relu"] = _leaky(lambda node: 0)
-EXACT["leaky_relu"] = _leaky(lambda node: node.attrs["slope"])
 
 
 # --- pooling -----------------------------------------------------------------------------
@@ -420,11 +259,11 @@ def _maxpool_forward(node: Node, xs: Sequence[State]) -> State:
     x = xs[0]
     if rectified := _rectified(x):
         a, pre = rectified
-        f2, _, _, _, mean = rectified_max(_window(node), float(_ratio(_near(pre), pre.m)), float(a))
-        f_pair = rectified_max(_window(node), float(_ratio(pre.k, pre.m)), float(a))[1]
+        f2, _, _, _, mean = rectified_max(_window(node), float(ratio(_near(pre), pre.m)), float(a))
+        f_pair = rectified_max(_window(node), float(ratio(pre.k, pre.m)), float(a))[1]
         return State(pre.m * f2, pre.m * f_pair, mean=expr.sqrt(pre.m) * mean)
     # max(μ + b + zᵢ) = μ + b + max z: the mean adds 2μ·E[max z] to both moments
-    mu1, spread = max_mean(_window(node)), _root(x.m - x.k)
+    mu1, spread = max_mean(_window(node)), root(x.m - x.k)
     lift = 2 * x.mean * spread * mu1
     return State(x.k + (x.m - x.k) * max_m2(_window(node)) + lift, x.k + (x.m - x.k) * mu1**2 + lift,
                  mean=x.mean + spread * mu1)
@@ -432,7 +271,7 @@ def _maxpool_forward(node: Node, xs: Sequence[State]) -> State:
 
 def _rectified(x: State) -> tuple[M, State] | None:
     """(slope, input) where max pooling reads a (leaky) ReLU of a centred Gaussian with numbers."""
-    if x.rectified is not None and _zero(x.rectified[1].mean) and not _symbolic_ratio(x.rectified[1]):
+    if x.rectified is not None and is_zero(x.rectified[1].mean) and not _symbolic_ratio(x.rectified[1]):
         return x.rectified
     return None
 
@@ -442,17 +281,18 @@ def _maxpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[St
     after a (leaky) ReLU, with the gate that ReLU applies at window maxima."""
     window, x = _window(node), xs[0]
     share = node.shape.positions / node.in_shapes[0].positions
-    gate = None
+    gates: tuple[tuple[M, M, M, M], ...] = ()
     if rectified := _rectified(x):
         a, pre = rectified
-        gate = rectified_max(window, float(_ratio(_near(pre), pre.m)), float(a))[2:4]
+        gate = rectified_max(window, float(ratio(_near(pre), pre.m)), float(a))[2:4]
+        gates = ((dy.m * share, dy.k * share / window, *gate),)
     # each window's gradient goes to one input, so the sum over positions is kept
-    return (_summed(node, State(dy.m * share, dy.k * share / window, gate=gate), dy,
+    return (_summed(node, State(dy.m * share, dy.k * share / window, gates=gates), dy,
                     node.in_shapes[0].positions / node.shape.positions),)
 
 
 def _symbolic_ratio(x: State) -> bool:
-    return expr.is_symbolic(_ratio(x.k, x.m)) or expr.is_symbolic(_ratio(_near(x), x.m))
+    return expr.is_symbolic(ratio(x.k, x.m)) or expr.is_symbolic(ratio(_near(x), x.m))
 
 
 EXACT["maxpool"] = ExactRule(_maxpool_forward, _maxpool_backward, "maxpool: Gaussian order statistics (approximate)")
@@ -490,48 +330,7 @@ EXACT["layernorm"] = ExactRule(
 )
 
 
-# --- smooth activations ------------------------------------------------------------------
-
-def _smooth(op: str, f: Callable[[float], float], df: Callable[[float], float]) -> ExactRule:
-    paper = RULES[op]
-
-    def forward(node: Node, xs: Sequence[State]) -> State:
-        """E[f(x)²], E[f(x_p)f(x_q)] and E[f(x)] for x = μ + b + e (b: channel offset)."""
-        x = xs[0]
-        if _symbolic(x):
-            m = paper.forward(node, [x.m])
-            return State(m, _ratio(m, x.m) * x.k)
-        mu, var, cov = _centred(x)
-        g = (lambda z: f(z + mu)) if mu else f
-        return State(gauss(g, var), pair(g, var, cov), mean=gauss(g, var, power=1))
-
-    def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
-        x = xs[0]
-        if _symbolic(x):
-            g = paper.backward(node, [x.m], dy.m)[0]
-            return (State(g, _ratio(g, dy.m) * dy.k, batch=_ratio(g, dy.m) * dy.batch),)
-        mu, var, cov = _centred(x)
-        dg = (lambda z: df(z + mu)) if mu else df
-        both = pair(dg, var, cov)
-        return (State(gauss(dg, var) * dy.m, both * dy.k, batch=both * dy.batch),)
-
-    return ExactRule(forward, backward, f"{op}: Gaussian-input quadrature")
-
-
-def _symbolic(x: State) -> bool:
-    return expr.is_symbolic(x.m) or expr.is_symbolic(x.k) or expr.is_symbolic(x.mean)
-
-
-def _centred(x: State) -> tuple[float, float, float]:
-    """Mean, variance and channel-offset covariance of the fluctuation around the mean."""
-    mu = float(x.mean)
-    return mu, float(x.m) - mu * mu, float(x.k) - mu * mu
-
-
-EXACT["tanh"] = _smooth("tanh", math.tanh, lambda x: 1 - math.tanh(x) ** 2)
-EXACT["sigmoid"] = _smooth("sigmoid", _sigmoid, lambda x: _sigmoid(x) * (1 - _sigmoid(x)))
-EXACT["gelu"] = _smooth("gelu", lambda x: x * cdf(x),
-                        lambda x: cdf(x) + x * math.exp(-x * x / 2) / math.sqrt(2 * math.pi))
+EXACT.update(ACTIVATIONS)
 
 
 def _per_group(rule: ExactRule) -> ExactRule:
@@ -557,15 +356,6 @@ for _op in ("relu", "leaky_relu", "batchnorm", "scale", "bias", "identity", "dro
     EXACT[_op] = _per_group(EXACT[_op])
 
 
-def added(a: State, b: State) -> State:
-    """The gradient a node gets from two readers: their sum, group by group."""
-    if a.parts is None and b.parts is None:
-        return State(a.m + b.m, a.k + b.k, batch=a.batch + b.batch)
-    groups_a = a.parts or tuple((n, a) for n, _ in b.parts or ())
-    groups_b = b.parts or tuple((n, b) for n, _ in groups_a)
-    return joined([(n, added(x, y)) for (n, x), (_, y) in zip(groups_a, groups_b)])
-
-
 def bias_grad_m2(node: Node, dy: State) -> M:
     """Per-sample E[Δb²] of a per-channel bias: Σ over the P output positions of one channel's
     gradient, P·g + P(P−1)·gk — the pair terms matter under a pooling layer (Eq. 7 extended) —
@@ -577,7 +367,7 @@ def bias_grad_m2(node: Node, dy: State) -> M:
 def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, State] | None = None) -> M:
     """E[ΔW²] per weight of a conv/linear layer's batch gradient over the batch size (the
     per-sample E[ΔW²] where samples are independent). With τ = T/k² uses of each tap,
-    π = (S − T)/k² ordered pairs of positions using it, and σ(h) = π·gk_h + τ²·batch_h/P the
+    π = (S − T)/k² ordered pairs of positions using it, and σ(h) = π·gk_h + S·batch_h/(k²P) the
     weight of the shared parts of a gradient h over pairs of positions and of samples:
 
         τ·m·g  +  k·σ(Δy)  +  σ(h)·E[W²]·m_own²·(1−a)²/(2π·E[y²]).
@@ -593,13 +383,13 @@ def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, Sta
     t, k2, p = node.attrs["taps"], node.attrs["k2"], node.shape.positions
     pairs = node.attrs["pairs"] - t  # Σ over taps of the ordered pairs of positions that use it
 
-    def shared(h: State) -> M:
-        return h.k * pairs / k2 + h.batch * (t / k2) ** 2 / p
+    def shared(h: State) -> M:  # a tap used τ_t times has τ_t² pairs of uses; S = Σ_t τ_t²
+        return h.k * pairs / k2 + h.batch * node.attrs["pairs"] / (k2 * p)
 
     total = x.m * dy.m * t / k2 + x.k * shared(dy)
     if mask is not None and node.init is not None:
         a, h = mask
-        pi = _trig(x.m)[2] if _sympy(x.m) else math.pi
+        pi = pi_of(x.m)
         own = x.m - x.k  # the position-specific part; the shared part is in the second term
         total = total + shared(h) * node.init.m2 * own**2 * (1 - a) ** 2 / (2 * pi * y.m)
     return total

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 
 def cdf(x: float) -> float:
@@ -115,3 +117,78 @@ def max_mean(k: int) -> float:
     """E[max(z₁..z_k)] for iid standard normals."""
     nodes, weights = hermite()
     return sum(w * z * k * cdf(z) ** (k - 1) for z, w in zip(nodes, weights))
+
+
+
+@dataclass(frozen=True)
+class SumMoments:
+    """Moments of g(z) for z = α·f(u) + w (``rectified_sum``); f, g (leaky) ReLUs."""
+
+    mean: float  # E[g(z)]
+    m2: float  # E[g(z)²]
+    pair: float  # E[g(z_p)·g(z_q)], two positions (or samples) of one channel
+    open2: float  # E[g'(z)²]
+    open_pair: float  # E[g'(z_p)·g'(z_q)]
+    joint2: float  # E[f'(u)²·g'(z)²]
+    joint_pair: float  # E[f'(u_p)g'(z_p)·f'(u_q)g'(z_q)]
+
+
+@lru_cache(maxsize=1024)
+def rectified_sum(alpha: float, a: float, u: tuple[float, float, float], w: tuple[float, float],
+                  c: float) -> SumMoments:
+    """z = α·f(u) + w with f(x) = max(x, a·x) and g(x) = max(x, c·x): the identity shortcut of
+    a ReLU output added to a Gaussian branch, read by a ReLU.
+
+    u = (mean, E[u²], E[u_p·u_q]) and w = (E[w²], E[w_p·w_q]) (w centred) are Gaussian; two
+    positions share the offsets b_u ~ N(0, E[u_p·u_q] − μ²) and b_w ~ N(0, E[w_p·w_q]) and
+    are independent given them. Given the offsets and u, g(z) has the closed forms of a
+    shifted Gaussian in w (``leaky_moments``); u's own part is integrated on a fine grid
+    (f has a kink), the offsets by Gauss–Hermite quadrature (a single node where they vanish).
+    """
+    import numpy as np
+
+    mu, m_u, k_u = u
+    m_w, k_w = w
+    off_u, off_w = max(k_u - mu * mu, 0.0), max(k_w, 0.0)
+    own_u, own_w = max(m_u - mu * mu - off_u, 1e-300), max(m_w - off_w, 1e-300)
+    t = np.linspace(-9.0, 9.0, 1801)
+    pdf = np.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(24)
+    weights = weights / weights.sum()
+
+    def outer(var: float) -> tuple[Any, Any]:
+        return (nodes * math.sqrt(var), weights) if var > 0 else (np.zeros(1), np.ones(1))
+
+    (bu, wu), (bw, ww) = outer(off_u), outer(off_w)
+    x = mu + bu[:, None, None] + math.sqrt(own_u) * t[None, None, :]  # (b_u, b_w, grid)
+    slope = np.where(x > 0, 1.0, a)
+    shift = alpha * x * slope + bw[None, :, None]  # α·f(u) + b_w
+    sd = math.sqrt(own_w)
+    up = _normal_cdf(shift / sd)
+    phi = np.exp(-shift * shift / (2 * sd * sd)) / math.sqrt(2 * math.pi)
+    down = 1 - up
+    first = shift * up + sd * phi - c * (-shift * down + sd * phi)
+    second = (shift**2 + own_w) * (up + c * c * down) + (1 - c * c) * shift * sd * phi
+    gate, gate2 = up + c * down, up + c * c * down
+
+    def given_offsets(v: Any) -> Any:  # E[v | b_u, b_w]: u's own part on the grid
+        return np.trapezoid(v * pdf, t, axis=-1)
+
+    def mean_over(v: Any) -> float:  # E over the offsets
+        return float(wu @ v @ ww)
+
+    return SumMoments(mean_over(given_offsets(first)), mean_over(given_offsets(second)),
+                      mean_over(given_offsets(first) ** 2), mean_over(given_offsets(gate2)),
+                      mean_over(given_offsets(gate) ** 2), mean_over(given_offsets(slope**2 * gate2)),
+                      mean_over(given_offsets(slope * gate) ** 2))
+
+
+def _normal_cdf(x: Any) -> Any:
+    """Φ(x) elementwise, from erfc by Abramowitz & Stegun 7.1.26 (absolute error < 1.5·10⁻⁷)."""
+    import numpy as np
+
+    y = np.abs(x) / math.sqrt(2)
+    t = 1 / (1 + 0.3275911 * y)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    tail = 0.5 * poly * np.exp(-y * y)  # Φ(−|x|)
+    return np.where(x >= 0, 1 - tail, tail)

@@ -15,9 +15,10 @@ from typing import Any
 from scalecalc import expr
 from scalecalc.assumptions import Checks, border_factors, check
 from scalecalc.errors import ScalecalcError
-from scalecalc.exact import EXACT, State, added, bias_grad_m2, bordered, weight_grad_m2
+from scalecalc.exact import EXACT, bias_grad_m2, weight_grad_m2
 from scalecalc.graph import Network, Node
 from scalecalc.rules import RULES, Rule
+from scalecalc.state import State, added, bordered
 
 M = Any
 
@@ -104,7 +105,6 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
         for src, grad in zip(node.inputs, sent[node.name]):
-            # a gate holds for the gradient of one reader only; with several it is dropped (½ again)
             bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
     bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))
     checks = check(net, calculus)

@@ -1,0 +1,145 @@
+"""The state of a node in the exact calculus, and the arithmetic its rules share.
+
+Forward, a node carries E[x²] = m, the covariance k of two positions of one channel (of two
+samples, for a vector; the calculus takes both equal, since with iid inputs every shared
+part comes from the weights), and where it matters the mean every element shares, the
+neighbour covariance, a ReLU's Gaussian input, a shortcut sum's law and a concat's groups of
+channels. Backward the same for the gradient, with the gates a ReLU below applies to parts
+of it and the coupling a train-mode batchnorm puts between the samples of a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from scalecalc import expr
+from scalecalc.graph import Node
+
+M = Any
+
+
+@dataclass(frozen=True)
+class State:
+    m: M  # E[x²]
+    k: M  # E[x_p·x_q], p ≠ q, same channel
+    # forward: E[x_p·x_q] for neighbouring positions where it differs from k (small padded maps)
+    near: M | None = None
+    # forward, at a (leaky) ReLU's output: its slope and its Gaussian input, for max pooling
+    rectified: tuple[M, State] | None = None
+    # backward, into a (leaky) ReLU's output: parts (g, gk, E[f'²], E[f'_p·f'_q]) of the gradient
+    # that reach positions where the ReLU is open more often than on average — the window
+    # maxima a max pool routes to, or where an identity shortcut feeds an open ReLU
+    gates: tuple[tuple[M, M, M, M], ...] = ()
+    # backward, at an add's output read by a (leaky) ReLU: that ReLU's slope
+    opened: M | None = None
+    # forward, at an add's output: α·f(u) + w, a (leaky) ReLU output f(u) of slope a carried
+    # by an identity shortcut plus Gaussian branches w: (α, a, u, E[w²], E[w_p·w_q])
+    law: tuple[M, M, State, M, M] | None = None
+    # forward: E[x], the mean every element shares (a ReLU's output and what adds, scales or
+    # pools it without random weights); m and k include its square
+    mean: M = 0
+    # backward: how a train-mode batchnorm below couples the samples of a batch, (B−1)·P times
+    # the covariance of two samples' gradients (same channel); the batch sum has
+    # E[(Σ_{b,p} Δ)²]/(B·P) = m + (P−1)·k + batch, which a batchnorm makes 0
+    batch: M = 0
+    # both passes, after a concat: (channels, state) of each group of channels that came in
+    # separately; m, k and mean are then their channel-weighted averages
+    parts: tuple[tuple[int, State], ...] | None = None
+
+
+ExactForward = Callable[[Node, Sequence[State]], State]
+ExactBackward = Callable[[Node, Sequence[State], State], Sequence[State]]  # (g, gk) states
+
+
+@dataclass(frozen=True)
+class ExactRule:
+    forward: ExactForward
+    backward: ExactBackward
+    note: str = ""
+
+def ratio(a: M, b: M) -> M:
+    return 0 if b == 0 else a / b
+
+
+def scaled(x: State, factor: M, rectified: bool = True) -> State:
+    """x with every second moment multiplied by ``factor``; a positive multiple of a
+    (leaky) ReLU's output is that ReLU of the same multiple of its input."""
+    near = None if x.near is None else factor * x.near
+    pre = x.rectified if rectified and x.rectified is not None else None
+    return State(factor * x.m, factor * x.k, near=near,
+                 rectified=None if pre is None else (pre[0], scaled(pre[1], factor)),
+                 mean=0 if is_zero(x.mean) else x.mean * root(factor),
+                 parts=None if x.parts is None else tuple((n, scaled(p, factor, rectified)) for n, p in x.parts))
+
+
+def bordered(x: State, factor: M) -> State:
+    """A window op's output with its border correction (``assumptions.border_factors``): the
+    position average of m and k moves; the neighbour covariance, an interior quantity, does not."""
+    parts = None if x.parts is None else tuple((n, bordered(p, factor)) for n, p in x.parts)
+    gates = tuple((factor * m, factor * k, gm, gk) for m, k, gm, gk in x.gates)
+    return replace(x, m=factor * x.m, k=factor * x.k, parts=parts, gates=gates)
+
+
+def is_zero(value: M) -> bool:
+    return not expr.is_symbolic(value) and value == 0
+
+
+def root(value: M) -> M:
+    return expr.sqrt(value) if is_sympy(value) else math.sqrt(max(value, 0.0))
+
+
+def is_sympy(value: M) -> bool:
+    return type(value).__module__.startswith("sympy")
+
+
+def pi_of(value: M) -> M:
+    if is_sympy(value):
+        import sympy
+
+        return sympy.pi
+    return math.pi
+
+
+def trig(theta: M) -> tuple[M, M, M]:  # sin, cos and π, exact when theta is sympy
+    if is_sympy(theta):
+        import sympy
+
+        return sympy.sin(theta), sympy.cos(theta), sympy.pi
+    return math.sin(theta), math.cos(theta), math.pi
+
+
+
+def has_symbols(x: State) -> bool:
+    return expr.is_symbolic(x.m) or expr.is_symbolic(x.k) or expr.is_symbolic(x.mean)
+
+
+
+def joined(parts: Sequence[tuple[int, State]]) -> State:
+    """One state for groups of channels: channel-weighted averages, the groups kept."""
+    if len(parts) == 1:
+        return parts[0][1]
+    total = sum(n for n, _ in parts)
+    return State(sum(n * x.m for n, x in parts) / total, sum(n * x.k for n, x in parts) / total,
+                 mean=sum(n * x.mean for n, x in parts) / total, batch=sum(n * x.batch for n, x in parts) / total,
+                 parts=tuple(parts))
+
+
+def groups(x: State, channels: int) -> tuple[tuple[int, State], ...]:
+    return x.parts if x.parts is not None else ((channels, x),)
+
+
+def added(a: State, b: State) -> State:
+    """The gradient a node gets from two readers: their sum, group by group."""
+    if a.parts is None and b.parts is None:
+        return State(a.m + b.m, a.k + b.k, batch=a.batch + b.batch, gates=a.gates + b.gates)
+    groups_a = a.parts or tuple((n, a) for n, _ in b.parts or ())
+    groups_b = b.parts or tuple((n, b) for n, _ in groups_a)
+    return joined([(n, added(x, y)) for (n, x), (_, y) in zip(groups_a, groups_b)])
+
+
+def add_weights(node: Node) -> Sequence[M]:
+    """The weights aᵢ of an ``add``'s summands."""
+    return node.attrs.get("weights") or (1,) * len(node.inputs)
