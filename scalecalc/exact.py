@@ -88,7 +88,12 @@ def _conv_forward(node: Node, xs: Sequence[State]) -> State:
     m = RULES["conv"].forward(node, [x.m])
     source = _near(x) if node.attrs["stride"] == (1, 1) else x.k
     return State(m, ratio(m, x.m) * x.k * _shared_taps(node, node.shape.positions),
-                 near=ratio(m, x.m) * source * node.attrs["near"])
+                 near=ratio(m, x.m) * source * node.attrs["near"], dof=_dof(node))
+
+
+def _dof(node: Node) -> M:
+    """n·k² with the mean number of real taps: the weights that feed one output unit."""
+    return node.attrs["n_in"] * node.attrs["taps"] / node.shape.positions
 
 
 def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
@@ -129,7 +134,7 @@ def _vector_out(op: str) -> ExactRule:
 
     def forward(node: Node, xs: Sequence[State]) -> State:
         m = rule.forward(node, [xs[0].m])
-        return State(m, ratio(m, xs[0].m) * xs[0].k)
+        return State(m, ratio(m, xs[0].m) * xs[0].k, dof=node.attrs["n_in"])
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         g = rule.backward(node, [xs[0].m], dy.m)[0]
@@ -313,8 +318,14 @@ def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[
     Train-mode BN's gradient is (Δy − mean(Δy) − ŷ·mean(Δy·ŷ))/σ, means over the batch and the
     positions of a channel. Both means are over B·P terms: they remove a part 1/(B·P) of g and
     the batch-mean 1/B of a per-sample shared gradient gk (a pooling below), which is kept.
+    Dividing by σ_c, which varies across channels, gives E[1/σ_c²] > 1/E[σ_c²]: by ν/(ν−2)
+    when BN reads a conv or linear layer with ν weights per unit and iid inputs (more when the
+    inputs are correlated or non-uniform; not modelled).
     """
-    v, p = xs[0].m - xs[0].k + BN_EPS, node.shape.positions
+    x, p = xs[0], node.shape.positions
+    nu = x.dof
+    spread = 1 if nu is None or (not expr.is_symbolic(nu) and nu <= 2) else nu / (nu - 2)
+    v = (x.m - x.k + BN_EPS) / spread
     return (State(dy.m / v, dy.k / v, batch=-(dy.m + (p - 1) * dy.k) / v),)
 
 

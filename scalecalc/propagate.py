@@ -110,9 +110,10 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     checks = check(net, calculus)
     results, changes = [], []
     masks = _masks(net, bwd) if exact else {}
+    normalised = _normalised(net) if exact else set()
     for node in net.nodes:
         result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy, exact,
-                                      masks, border.get(node.name, (1, 1, 1))[2])
+                                      masks, border.get(node.name, (1, 1, 1))[2], node.name in normalised)
         results.append(result)
         if change:
             changes.append(change)
@@ -131,6 +132,16 @@ def _masks(net: Network, bwd: Mapping[str, State]) -> dict[str, tuple[M, State]]
     return out
 
 
+def _normalised(net: Network) -> set[str]:
+    """Weighted layers whose every reader is a batchnorm, directly or through concats."""
+    def normalised(name: str) -> bool:
+        readers = [net.node(c) for c in net.graph.successors(name)]
+        return bool(readers) and all(r.op == "batchnorm" or (r.op == "concat" and normalised(r.name))
+                                     for r in readers)
+
+    return {node.name for node in net.nodes if node.weighted and normalised(node.name)}
+
+
 def _lift(rule: Rule) -> Any:
     return lambda node, xs: State(rule.forward(node, [x.m for x in xs]), 0)
 
@@ -141,7 +152,7 @@ def _lift_back(rule: Rule) -> Any:
 
 def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mapping[str, State],
                  sent_states: tuple[State, ...], checks: Checks, tidy: Any, exact: bool,
-                 masks: Mapping[str, tuple[M, State]], border: float,
+                 masks: Mapping[str, tuple[M, State]], border: float, normalised: bool = False,
                  ) -> tuple[NodeResult, VarsigmaChange | None]:
     y, dy = fwd_states[node.name].m, bwd_states[node.name].m
     sent = tuple(g.m for g in sent_states)
@@ -167,6 +178,9 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         if exact:  # Thm 1 directly, with the pair terms of shared offsets and pooled gradients
             x_state, g_state = fwd_states[node.inputs[0]], bwd_states[node.name]
             grad = border * weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
+            nu = fwd_states[node.name].dof
+            if normalised and nu is not None:  # BN's gradient is ⟂ its input ŷ ∝ W·x, so ΔW ⟂ W: 1 of ν directions
+                grad = grad * (1 - 1 / nu)
             gamma = tidy(grad / weight_m2)
             single = border * weight_grad_m2(node, State(x_state.m, 0), fwd_states[node.name], State(g_state.m, 0))
             share = 1 - single / grad if not expr.is_symbolic(grad) else 0

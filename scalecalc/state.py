@@ -48,6 +48,10 @@ class State:
     # both passes, after a concat: (channels, state) of each group of channels that came in
     # separately; m, k and mean are then their channel-weighted averages
     parts: tuple[tuple[int, State], ...] | None = None
+    # forward, at a conv/linear output (and multiples of it): ν = n·k², the weights feeding one
+    # unit. A channel's variance over the batch is then a sum of ν weighted squares, which
+    # fluctuates across channels: E[1/σ_c²] = ν/(ν−2)·1/E[σ_c²] for iid inputs
+    dof: M | None = None
 
 
 ExactForward = Callable[[Node, Sequence[State]], State]
@@ -71,7 +75,7 @@ def scaled(x: State, factor: M, rectified: bool = True) -> State:
     pre = x.rectified if rectified and x.rectified is not None else None
     return State(factor * x.m, factor * x.k, near=near,
                  rectified=None if pre is None else (pre[0], scaled(pre[1], factor)),
-                 mean=0 if is_zero(x.mean) else x.mean * root(factor),
+                 mean=0 if is_zero(x.mean) else x.mean * root(factor), dof=x.dof,
                  parts=None if x.parts is None else tuple((n, scaled(p, factor, rectified)) for n, p in x.parts))
 
 
