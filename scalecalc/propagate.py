@@ -87,26 +87,8 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
         raise ScalecalcError(f"unknown calculus {calculus!r}; known: {', '.join(CALCULI)}")
     tidy = _simplifier(net)
     exact = calculus == "exact"
-    forward = {op: r.forward for op, r in EXACT.items()} if exact else {op: _lift(r) for op, r in RULES.items()}
-    backward = {op: r.backward for op, r in EXACT.items()} if exact else {op: _lift_back(r) for op, r in RULES.items()}
     border = border_factors(net) if exact and not net.symbols else {}
-    fwd: dict[str, State] = {"input": State(net.input_m2, 0)}
-    for node in net.nodes[1:]:
-        out = forward[node.op](node, [fwd[s] for s in node.inputs])
-        f = border.get(node.name, (1, 1, 1))[0]
-        out = bordered(out, f)
-        fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
-    bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
-    bwd[net.output] = State(net.grad_m2, 0)
-    sent: dict[str, tuple[State, ...]] = {}
-    for node in reversed(net.nodes[1:]):
-        g = bwd[node.name]
-        bwd[node.name] = g = replace(g, m=_finite(tidy(g.m), node, "E[Δx²]"))
-        b = border.get(node.name, (1, 1, 1))[1]
-        sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
-        for src, grad in zip(node.inputs, sent[node.name]):
-            bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
-    bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))
+    fwd, bwd, sent = _states(net, exact, tidy, border)
     checks = check(net, calculus)
     results, changes = [], []
     masks = _masks(net, bwd) if exact else {}
@@ -119,6 +101,36 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
             changes.append(change)
     summary = _summary(results, changes, fwd[net.output].m, tidy)
     return Analysis(net, tuple(results), summary, calculus)
+
+
+def states(net: Network) -> tuple[dict[str, State], dict[str, State]]:
+    """The exact calculus' full state of every node, forward and backward (for diagnostics:
+    the shared parts k and gk, means, groups, batch coupling)."""
+    fwd, bwd, _ = _states(net, True, _simplifier(net), {} if net.symbols else border_factors(net))
+    return fwd, bwd
+
+
+def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[float, float, float]],
+            ) -> tuple[dict[str, State], dict[str, State], dict[str, tuple[State, ...]]]:
+    forward = {op: r.forward for op, r in EXACT.items()} if exact else {op: _lift(r) for op, r in RULES.items()}
+    backward = {op: r.backward for op, r in EXACT.items()} if exact else {op: _lift_back(r) for op, r in RULES.items()}
+    fwd: dict[str, State] = {"input": State(net.input_m2, 0)}
+    for node in net.nodes[1:]:
+        out = forward[node.op](node, [fwd[s] for s in node.inputs])
+        out = bordered(out, border.get(node.name, (1, 1, 1))[0])
+        fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
+    bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
+    bwd[net.output] = State(net.grad_m2, 0)
+    sent: dict[str, tuple[State, ...]] = {}
+    for node in reversed(net.nodes[1:]):
+        g = bwd[node.name]
+        bwd[node.name] = g = replace(g, m=_finite(tidy(g.m), node, "E[Δx²]"))
+        b = border.get(node.name, (1, 1, 1))[1]
+        sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
+        for src, grad in zip(node.inputs, sent[node.name]):
+            bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
+    bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))
+    return fwd, bwd, sent
 
 
 def _masks(net: Network, bwd: Mapping[str, State]) -> dict[str, tuple[M, State]]:
