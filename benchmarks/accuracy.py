@@ -100,7 +100,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     spec = load(ROOT / job["path"])
-    net = build(spec, job["settings"])
+    # a spec whose batchnorms name their training batch is analysed at the batch it is sampled with
+    settings = {**job["settings"], "batch": job["batch"]} if "batch" in spec.params else job["settings"]
+    net = build(spec, settings)
     source = emit_torch(spec, net, digest="0")
     exact = propagate(net, "exact")
     paper = {r.name: r for r in propagate(net, "paper").nodes}

@@ -307,26 +307,32 @@ EXACT["maxpool"] = ExactRule(_maxpool_forward, _maxpool_backward, "maxpool: Gaus
 
 def _batchnorm_forward(node: Node, xs: Sequence[State]) -> State:
     """Train-mode BN removes each channel's mean over batch and positions — the shared offset
-    with it: m' = (m−k)/(m−k+ε), k' = 0."""
-    v = xs[0].m - xs[0].k
-    return State(v / (v + BN_EPS), 0)
+    with it: m' = (m−k)/(m−k+ε), k' = 0; with the training batch B given, the B·P normalised
+    values of a channel sum to zero, so two of them have covariance k' = −m'/(B·P − 1)."""
+    v, b = xs[0].m - xs[0].k, node.attrs.get("batch")
+    m = v / (v + BN_EPS)
+    return State(m, 0 if b is None else -m / (b * node.shape.positions - 1))
 
 
 def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
     """g' = g/(v+ε), gk' = gk/(v+ε), and the gradient below sums to zero per channel.
 
     Train-mode BN's gradient is (Δy − mean(Δy) − ŷ·mean(Δy·ŷ))/σ, means over the batch and the
-    positions of a channel. Both means are over B·P terms: they remove a part 1/(B·P) of g and
-    the batch-mean 1/B of a per-sample shared gradient gk (a pooling below), which is kept.
+    positions of a channel. The first removes E[(ΣΔy)²]/(B·P)² = S/(B·P) from g and gk
+    (S = g + (P−1)·gk + batch): under a pooling below that is the batch mean, 1/B, of the
+    per-sample shared gradient gk, which otherwise is kept. With no ``batch`` given (the
+    training batch B) that term is left out; the projection term, ≈ g/(B·P), always is.
     Dividing by σ_c, which varies across channels, gives E[1/σ_c²] > 1/E[σ_c²]: by ν/(ν−2)
     when BN reads a conv or linear layer with ν weights per unit and iid inputs (more when the
     inputs are correlated or non-uniform; not modelled).
     """
-    x, p = xs[0], node.shape.positions
+    x, p, b = xs[0], node.shape.positions, node.attrs.get("batch")
     nu = x.dof
     spread = 1 if nu is None or (not expr.is_symbolic(nu) and nu <= 2) else nu / (nu - 2)
     v = (x.m - x.k + BN_EPS) / spread
-    return (State(dy.m / v, dy.k / v, batch=-(dy.m + (p - 1) * dy.k) / v),)
+    mean = 0 if b is None else (dy.m + (p - 1) * dy.k + dy.batch) / (b * p)  # E[M²], M the batch mean of Δy
+    g, gk = (dy.m - mean) / v, (dy.k - mean) / v
+    return (State(g, gk, batch=-(g + (p - 1) * gk)),)
 
 
 EXACT["batchnorm"] = ExactRule(

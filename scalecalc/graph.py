@@ -356,6 +356,8 @@ class _Builder:
             if not expr.is_symbolic(p) and p >= 1:
                 raise SpecError(where, f"p must be in [0, 1), got {p}")
             return p
+        if key == "batch":  # the samples a train-mode batchnorm's statistics are taken over
+            return None if raw is None else self.number(raw, env, where, key, True, True, minimum=2)
         if key == "weights":
             if raw is None:
                 return None

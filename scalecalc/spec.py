@@ -40,7 +40,7 @@ OP_FIELDS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "bias": {},
     "add": {"weights": None},
     "concat": {},
-    "batchnorm": {},
+    "batchnorm": {"batch": None},
     "layernorm": {},
     "identity": {},
 })

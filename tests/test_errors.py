@@ -112,6 +112,8 @@ CASES = [
          "p: 1", 'layers[0] "a" (op: dropout)', "p must be in [0, 1), got 1"),
     case("dropout-p-negative", VEC + "layers:\n  - {name: a, op: dropout, p: -0.1}\n",
          "p: -", 'layers[0] "a" (op: dropout)', "p must be at least 0, got -0.1"),
+    case("batchnorm-batch-one", IMG + "layers:\n  - {name: a, op: batchnorm, batch: 1}\n",
+         "batch: 1", 'layers[0] "a" (op: batchnorm)', "batch must be at least 2, got 1"),
     case("kernel-larger-than-input", IMG + "layers:\n"
          "  - {name: a, op: conv, out: 4, kernel: 11, padding: 1}\n",
          "{name: a", 'layers[0] "a" (op: conv)', "kernel 11 is larger than the padded input height 8+2·1"),
