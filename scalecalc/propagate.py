@@ -178,6 +178,10 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
     note = EXACT[node.op].note if exact else rule.note
     notes = [note] if note else []
     notes.extend(checks.notes[node.name])
+    mean = fwd_states[node.inputs[0]].mean if exact else 0
+    if node.op in ("relu", "leaky_relu") and expr.is_symbolic(mean):
+        note = note or f"{node.op}: input has a mean (a ReLU on an identity path); symbolic mode takes it as centred"
+        notes.append(note)
     weight_m2 = gamma = gamma_ext = gamma_bias = None
     gamma_exact = True
     a = node.attrs
@@ -218,7 +222,9 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
     ratio = tidy(varsigma / varsigma_in) if varsigma_in != 0 else 1  # 0: underflow, nothing to compare
     if not _is_one(ratio, VARSIGMA_TOLERANCE if exact else 1e-9):
         reason = rule.keeps_scaling
-        if reason.startswith("keeps"):  # Table 1 says it keeps ς: what the paper's model leaves out
+        if reason.startswith("keeps") and node.op in ("relu", "leaky_relu") and not _is_zero(mean):
+            reason = "its input has a mean (a ReLU on an identity path), so it passes more than half"
+        elif reason.startswith("keeps"):  # Table 1 says it keeps ς: what the paper's model leaves out
             reason = "position effects the paper's model leaves out (means kept by pooling, border taps)"
         change = VarsigmaChange(node.name, node.op, ratio, reason)
         notes.append(f"ς ×{_short(ratio)}: {reason}")

@@ -355,3 +355,30 @@ def test_gamma_forms_agree_symbolically(case: str) -> None:
     for node in gammas:
         assert_exact(node.gamma, f"γ of {node.name}")
         assert_same(node.gamma_extrinsic, node.gamma, f"extrinsic γ of {node.name}")
+
+
+POST_ACTIVATION = """
+name: post
+input: {channels: 8, size: 4}
+params: {w: 16}
+layers:
+  - {name: conv1, op: conv, out: w, kernel: 1, bias: false}
+  - {name: relu1, op: relu}
+  - {name: conv2, op: conv, out: w, kernel: 1, bias: false}
+  - {name: merge, op: add, from: [relu1, conv2]}
+  - {name: relu2, op: relu}
+  - {name: head, op: conv, out: 16, kernel: 1}
+"""
+
+
+def test_relu_after_shortcut_is_flagged_in_symbolic_mode() -> None:
+    """A ReLU reading a shortcut's ReLU output has an input with a mean: numbers integrate its
+    law, symbolic mode keeps the centred closed form and must say so."""
+    symbolic = propagate(build(parse(POST_ACTIVATION, "post.yaml"), symbolic=("w",)))
+    relu2 = symbolic["relu2"]
+    assert not relu2.exact and any("identity path" in n for n in relu2.notes)
+    assert symbolic["relu1"].exact  # a ReLU of a conv output is centred
+    numeric = propagate(build(parse(POST_ACTIVATION, "post.yaml")))
+    # with numbers the mean is integrated: more than half of E[x²] passes
+    assert float(numeric["relu2"].forward_m2) > 0.5 * float(numeric["merge"].forward_m2) * 1.1
+    assert any("has a mean" in c.reason for c in numeric.summary.varsigma_changes if c.node == "relu2")
