@@ -231,7 +231,7 @@ def _avgpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[St
     shared = dy.k * t**2 / (p * big_k) ** 2
     if p > 1:  # the fraction (K−1)/(ρ²−1) of pairs that sit in one window
         shared = shared + (dy.m - dy.k) * (big_k - 1) * t / ((p - 1) * p * big_k**2)
-    return (_summed(node, State(g, shared), dy, node.in_shapes[0].positions / node.shape.positions),)
+    return (_summed(node, State(g, shared), dy, 1),)  # each window hands its gradient on whole
 
 
 EXACT["avgpool"] = ExactRule(_avgpool_forward, _avgpool_backward)
@@ -292,8 +292,7 @@ def _maxpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[St
         gate = rectified_max(window, float(ratio(_near(pre), pre.m)), float(a))[2:4]
         gates = ((dy.m * share, dy.k * share / window, *gate),)
     # each window's gradient goes to one input, so the sum over positions is kept
-    return (_summed(node, State(dy.m * share, dy.k * share / window, gates=gates), dy,
-                    node.in_shapes[0].positions / node.shape.positions),)
+    return (_summed(node, State(dy.m * share, dy.k * share / window, gates=gates), dy, 1),)
 
 
 def _symbolic_ratio(x: State) -> bool:
@@ -338,7 +337,7 @@ def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[
 EXACT["batchnorm"] = ExactRule(
     _batchnorm_forward,
     _batchnorm_backward,
-    "batchnorm: the gradient's 1/batch terms are neglected",
+    "batchnorm: E[1/σ_c²] for iid inputs, projection term neglected (approximate)",
 )
 EXACT["layernorm"] = ExactRule(
     lambda node, xs: State(xs[0].m / (xs[0].m + BN_EPS), xs[0].k / (xs[0].m + BN_EPS)),
