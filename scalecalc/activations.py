@@ -123,6 +123,7 @@ def sum_moments(law: tuple[M, M, State, M, M], c: M) -> SumMoments:
 
 # --- smooth activations ------------------------------------------------------------------
 
+
 def _smooth(op: str, f: Callable[[float], float], df: Callable[[float], float]) -> ExactRule:
     paper = RULES[op]
 

@@ -208,6 +208,7 @@ EXACT["concat"] = ExactRule(_concat_forward, _concat_backward)
 
 # --- pooling -----------------------------------------------------------------------------
 
+
 def _avgpool_forward(node: Node, xs: Sequence[State]) -> State:
     """m' = (τ·m + τ(τ−1)·k)/K²,  k' = τ²·k/K²   (τ = T/ρ'² mean real taps, K = window size).
 
@@ -303,6 +304,7 @@ EXACT["maxpool"] = ExactRule(_maxpool_forward, _maxpool_backward, "maxpool: Gaus
 
 
 # --- normalisation -----------------------------------------------------------------------
+
 
 def _batchnorm_forward(node: Node, xs: Sequence[State]) -> State:
     """Train-mode BN removes each channel's mean over batch and positions — the shared offset

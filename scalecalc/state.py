@@ -64,6 +64,7 @@ class ExactRule:
     backward: ExactBackward
     note: str = ""
 
+
 def ratio(a: M, b: M) -> M:
     return 0 if b == 0 else a / b
 
@@ -115,10 +116,8 @@ def trig(theta: M) -> tuple[M, M, M]:  # sin, cos and π, exact when theta is sy
     return math.sin(theta), math.cos(theta), math.pi
 
 
-
 def has_symbols(x: State) -> bool:
     return expr.is_symbolic(x.m) or expr.is_symbolic(x.k) or expr.is_symbolic(x.mean)
-
 
 
 def joined(parts: Sequence[tuple[int, State]]) -> State:
