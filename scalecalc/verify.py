@@ -175,6 +175,10 @@ def verify(net: Network, analysis: Analysis, source: str, *, draws: int = 20, ba
         raise ScalecalcError("verify needs numbers; drop --symbolic")
     if draws < 2 or batch < 1:
         raise ScalecalcError(f"need --draws ≥ 2 and --batch ≥ 1, got {draws} and {batch}")
+    stats = sorted({int(n.attrs["batch"]) for n in net.nodes if n.op == "batchnorm" and n.attrs.get("batch")})
+    if stats and stats != [batch]:
+        raise ScalecalcError(f"the spec's batchnorms take their statistics over a batch of {stats[0]}, but "
+                             f"verify samples batches of {batch}: give --batch {stats[0]}, or set the spec's batch")
     device = resolve_device(device)
     ok = check(net, analysis.calculus)
     nodes = list(net.order[1:])

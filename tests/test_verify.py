@@ -72,6 +72,21 @@ def test_cli_exit_codes_and_json() -> None:
     assert bad.returncode == 2 and "draws" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_batchnorm_batch_must_match_the_sampled_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A batchnorm's 1/batch terms are predicted for the batch the spec names; sampling another
+    batch would hold them against the wrong measurement."""
+    spec = tmp_path / "bn.yaml"
+    spec.write_text("name: bn\ninput: {channels: 4, size: 4}\nlayers:\n"
+                    "  - {name: c, op: conv, out: 8, kernel: 1, bias: false}\n"
+                    "  - {name: bn, op: batchnorm, batch: 16}\n  - {name: fc, op: conv, out: 8, kernel: 1}\n")
+    out = subprocess.run([*CLI, "verify", str(spec), "--batch", "8", "--draws", "2", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 2 and "--batch 16" in out.stderr and "Traceback" not in out.stderr
+    ok = subprocess.run([*CLI, "verify", str(spec), "--batch", "16", "--draws", "4", "--device", "cpu"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert ok.returncode in (0, 1) and "Traceback" not in ok.stderr, ok.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_a_device_is_bad_input() -> None:
     out = subprocess.run([*CLI, "verify", str(ROOT / "specs" / "libsvm_mlp.yaml"), "--device", "cuda"],
