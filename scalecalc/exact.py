@@ -47,7 +47,7 @@ def _paper(op: str) -> ExactRule:
         m = rule.forward(node, [x.m for x in xs])
         positive = op != "scale" or expr.is_symbolic(node.attrs["value"]) or node.attrs["value"] > 0
         out = scaled(xs[0], ratio(m, xs[0].m), rectified=positive and op != "flatten")
-        return replace(out, mean=xs[0].mean * node.attrs["value"]) if op == "scale" else replace(out, mean=xs[0].mean)
+        return replace(out, mean=xs[0].mean * node.attrs["value"]) if op == "scale" else out  # the sign of a scale
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         gs = rule.backward(node, [x.m for x in xs], dy.m)

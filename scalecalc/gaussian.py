@@ -119,7 +119,6 @@ def max_mean(k: int) -> float:
     return sum(w * z * k * cdf(z) ** (k - 1) for z, w in zip(nodes, weights))
 
 
-
 @dataclass(frozen=True)
 class SumMoments:
     """Moments of g(z) for z = α·f(u) + w (``rectified_sum``); f, g (leaky) ReLUs."""

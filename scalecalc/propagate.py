@@ -18,7 +18,7 @@ from scalecalc.errors import ScalecalcError
 from scalecalc.exact import EXACT, bias_grad_m2, weight_grad_m2
 from scalecalc.graph import Network, Node
 from scalecalc.rules import RULES, Rule
-from scalecalc.state import State, added, bordered
+from scalecalc.state import State, added, bordered, is_zero
 
 M = Any
 
@@ -87,7 +87,7 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
         raise ScalecalcError(f"unknown calculus {calculus!r}; known: {', '.join(CALCULI)}")
     tidy = _simplifier(net)
     exact = calculus == "exact"
-    border = border_factors(net) if exact and not net.symbols else {}
+    border = _borders(net, exact)
     fwd, bwd, sent = _states(net, exact, tidy, border)
     checks = check(net, calculus)
     results, changes = [], []
@@ -106,8 +106,12 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
 def states(net: Network) -> tuple[dict[str, State], dict[str, State]]:
     """The exact calculus' full state of every node, forward and backward (for diagnostics:
     the shared parts k and gk, means, groups, batch coupling)."""
-    fwd, bwd, _ = _states(net, True, _simplifier(net), {} if net.symbols else border_factors(net))
+    fwd, bwd, _ = _states(net, True, _simplifier(net), _borders(net, True))
     return fwd, bwd
+
+
+def _borders(net: Network, exact: bool) -> dict[str, tuple[float, float, float]]:
+    return border_factors(net) if exact and not net.symbols else {}
 
 
 def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[float, float, float]],
@@ -179,8 +183,8 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
     notes = [note] if note else []
     notes.extend(checks.notes[node.name])
     mean = fwd_states[node.inputs[0]].mean if exact else 0
-    if node.op in ("relu", "leaky_relu") and expr.is_symbolic(mean):
-        note = note or f"{node.op}: input has a mean (a ReLU on an identity path); symbolic mode takes it as centred"
+    if node.op in ("relu", "leaky_relu") and expr.is_symbolic(mean):  # no closed form: flagged, not exact
+        note = f"{node.op}: input has a mean (a ReLU on an identity path); symbolic mode takes it as centred"
         notes.append(note)
     weight_m2 = gamma = gamma_ext = gamma_bias = None
     gamma_exact = True
@@ -214,7 +218,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
     if a.get("bias") is True or node.op == "bias":
         if exact:  # E[Δb²]/E[y²], the pair terms included
             gamma_bias = tidy(bias_grad_m2(node, bwd_states[node.name]) / y)
-            if _is_zero(gamma_bias):
+            if is_zero(gamma_bias):
                 notes.append("bias: a batchnorm below subtracts it again; its gradient is zero")
         else:  # Eq. 7: ρ²·E[Δy²]/E[y²]
             gamma_bias = tidy(node.shape.positions * dy / y)
@@ -222,7 +226,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
     ratio = tidy(varsigma / varsigma_in) if varsigma_in != 0 else 1  # 0: underflow, nothing to compare
     if not _is_one(ratio, VARSIGMA_TOLERANCE if exact else 1e-9):
         reason = rule.keeps_scaling
-        if reason.startswith("keeps") and node.op in ("relu", "leaky_relu") and not _is_zero(mean):
+        if reason.startswith("keeps") and node.op in ("relu", "leaky_relu") and not is_zero(mean):
             reason = "its input has a mean (a ReLU on an identity path), so it passes more than half"
         elif reason.startswith("keeps"):  # Table 1 says it keeps ς: what the paper's model leaves out
             reason = "position effects the paper's model leaves out (means kept by pooling, border taps)"
@@ -236,7 +240,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
 
 def _summary(results: list[NodeResult], changes: list[VarsigmaChange], out: M, tidy: Any) -> Summary:
     gammas = [r.gamma for r in results if r.gamma is not None]
-    biases = [r.gamma_bias for r in results if r.gamma_bias is not None and not _is_zero(r.gamma_bias)]
+    biases = [r.gamma_bias for r in results if r.gamma_bias is not None and not is_zero(r.gamma_bias)]
     lo, hi, spread = _range(gammas, tidy)
     return Summary(lo, hi, spread, _range(biases, tidy)[2], out, tuple(changes),
                    all(r.exact for r in results))
@@ -259,10 +263,6 @@ def _finite(value: M, node: Node, what: str) -> M:
         raise ScalecalcError(f"{node.where}: {what} of {node.name!r} is {float(value):.3g}; the signal "
                              "overflows or vanishes here (check scale values and widths)")
     return value
-
-
-def _is_zero(value: M) -> bool:
-    return not expr.is_symbolic(value) and value == 0
 
 
 def _is_one(value: M, tolerance: float) -> bool:
