@@ -398,16 +398,22 @@ def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, Sta
     E[x·1[y>0]] = W·m·(1−a)/√(2π·E[y²]) for a Gaussian pre-activation, so the products of
     two positions no longer average out. ``mask`` is (a, gradient state at the ReLU output).
     """
-    t, k2, p = node.attrs["taps"], node.attrs["k2"], node.shape.positions
-    pairs = node.attrs["pairs"] - t  # Σ over taps of the ordered pairs of positions that use it
+    t, k2 = node.attrs["taps"], node.attrs["k2"]
+    return x.m * dy.m * t / k2 + x.k * _pair_weight(node, dy) + mask_grad_m2(node, x, y, mask)
 
-    def shared(h: State) -> M:  # a tap used τ_t times has τ_t² pairs of uses; S = Σ_t τ_t²
-        return h.k * pairs / k2 + h.batch * node.attrs["pairs"] / (k2 * p)
 
-    total = x.m * dy.m * t / k2 + x.k * shared(dy)
-    if mask is not None and node.init is not None:
-        a, h = mask
-        pi = pi_of(x.m)
-        own = x.m - x.k  # the position-specific part; the shared part is in the second term
-        total = total + shared(h) * node.init.m2 * own**2 * (1 - a) ** 2 / (2 * pi * y.m)
-    return total
+def _pair_weight(node: Node, h: State) -> M:
+    """σ(h): a tap used τ_t times has τ_t² pairs of uses; S = Σ_t τ_t²."""
+    k2, p = node.attrs["k2"], node.shape.positions
+    return h.k * (node.attrs["pairs"] - node.attrs["taps"]) / k2 + h.batch * node.attrs["pairs"] / (k2 * p)
+
+
+def mask_grad_m2(node: Node, x: State, y: State, mask: tuple[M, State] | None) -> M:
+    """The third term of ``weight_grad_m2``: a (leaky) ReLU mask above the layer correlated with
+    its inputs, E[x·1[y>0]] = W·m·(1−a)/√(2π·E[y²]), paired over positions by the shared part of
+    the ReLU's output gradient h. It is of order 1/(n·k²), the fan-in, beside the pair term."""
+    if mask is None or node.init is None:
+        return 0
+    a, h = mask
+    own = x.m - x.k  # the position-specific part; the shared part is in the pair term
+    return _pair_weight(node, h) * node.init.m2 * own**2 * (1 - a) ** 2 / (2 * pi_of(x.m) * y.m)

@@ -15,8 +15,9 @@ from typing import Any
 from scalecalc import expr
 from scalecalc.assumptions import Checks, border_factors, check
 from scalecalc.errors import ScalecalcError
-from scalecalc.exact import EXACT, bias_grad_m2, weight_grad_m2
+from scalecalc.exact import EXACT, bias_grad_m2, mask_grad_m2, weight_grad_m2
 from scalecalc.graph import Network, Node
+from scalecalc.kernel import Kernel, kernel
 from scalecalc.rules import RULES, Rule
 from scalecalc.state import State, added, bordered, is_zero
 
@@ -88,14 +89,14 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     tidy = _simplifier(net)
     exact = calculus == "exact"
     border = _borders(net, exact)
-    fwd, bwd, sent = _states(net, exact, tidy, border)
+    fwd, bwd, sent, spatial = _states(net, exact, tidy, border)
     checks = check(net, calculus)
     results, changes = [], []
     masks = _masks(net, bwd) if exact else {}
     normalised = _normalised(net) if exact else set()
     for node in net.nodes:
         result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy, exact,
-                                      masks, border.get(node.name, (1, 1, 1))[2], node.name in normalised)
+                                      masks, border.get(node.name, (1, 1, 1))[2], node.name in normalised, spatial)
         results.append(result)
         if change:
             changes.append(change)
@@ -106,7 +107,7 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
 def states(net: Network) -> tuple[dict[str, State], dict[str, State]]:
     """The exact calculus' full state of every node, forward and backward (for diagnostics:
     the shared parts k and gk, means, groups, batch coupling)."""
-    fwd, bwd, _ = _states(net, True, _simplifier(net), _borders(net, True))
+    fwd, bwd, _, _ = _states(net, True, _simplifier(net), _borders(net, True))
     return fwd, bwd
 
 
@@ -115,7 +116,7 @@ def _borders(net: Network, exact: bool) -> dict[str, tuple[float, float, float]]
 
 
 def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[float, float, float]],
-            ) -> tuple[dict[str, State], dict[str, State], dict[str, tuple[State, ...]]]:
+            ) -> tuple[dict[str, State], dict[str, State], dict[str, tuple[State, ...]], Kernel | None]:
     forward = {op: r.forward for op, r in EXACT.items()} if exact else {op: _lift(r) for op, r in RULES.items()}
     backward = {op: r.backward for op, r in EXACT.items()} if exact else {op: _lift_back(r) for op, r in RULES.items()}
     fwd: dict[str, State] = {"input": State(net.input_m2, 0)}
@@ -123,6 +124,8 @@ def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[flo
         out = forward[node.op](node, [fwd[s] for s in node.inputs])
         out = bordered(out, border.get(node.name, (1, 1, 1))[0])
         fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
+    # where the maps are small, the pair structure of the gradient comes from the spatial kernel
+    spatial = kernel(net, fwd) if exact else None
     bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
     bwd[net.output] = State(net.grad_m2, 0)
     sent: dict[str, tuple[State, ...]] = {}
@@ -131,10 +134,12 @@ def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[flo
         bwd[node.name] = g = replace(g, m=_finite(tidy(g.m), node, "E[Δx²]"))
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
+        if spatial is not None and node.name in spatial.sent:
+            sent[node.name] = tuple(replace(s, k=s.m * r) for s, r in zip(sent[node.name], spatial.sent[node.name]))
         for src, grad in zip(node.inputs, sent[node.name]):
             bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
     bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))
-    return fwd, bwd, sent
+    return fwd, bwd, sent, spatial
 
 
 def _masks(net: Network, bwd: Mapping[str, State]) -> dict[str, tuple[M, State]]:
@@ -169,7 +174,7 @@ def _lift_back(rule: Rule) -> Any:
 def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mapping[str, State],
                  sent_states: tuple[State, ...], checks: Checks, tidy: Any, exact: bool,
                  masks: Mapping[str, tuple[M, State]], border: float, normalised: bool = False,
-                 ) -> tuple[NodeResult, VarsigmaChange | None]:
+                 spatial: Kernel | None = None) -> tuple[NodeResult, VarsigmaChange | None]:
     y, dy = fwd_states[node.name].m, bwd_states[node.name].m
     sent = tuple(g.m for g in sent_states)
     varsigma = tidy(node.shape.size * dy * y)
@@ -197,7 +202,11 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         gamma_ext = tidy(n_in * taps * taps * xs[0] ** 2 * dy / (node.shape.positions * k2 * y))
         if exact:  # Thm 1 directly, with the pair terms of shared offsets and pooled gradients
             x_state, g_state = fwd_states[node.inputs[0]], bwd_states[node.name]
-            grad = border * weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
+            if spatial is not None and node.name in spatial.weight_grad:  # mean field, and the mask's 1/fan-in
+                grad = spatial.weight_grad[node.name] + mask_grad_m2(node, x_state, fwd_states[node.name],
+                                                                     masks.get(node.name))
+            else:
+                grad = border * weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
             nu = fwd_states[node.name].dof
             if normalised and nu is not None:  # BN's gradient is ⟂ its input ŷ ∝ W·x, so ΔW ⟂ W: 1 of ν directions
                 grad = grad * (1 - 1 / nu)
@@ -216,7 +225,9 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         gamma = tidy(varsigma_in / weight_m2**2)  # App. E: γ = ς/E[u²]²
         gamma_ext = tidy(node.in_shapes[0].size * xs[0] ** 2 * dy / y)  # Eq. 11
     if a.get("bias") is True or node.op == "bias":
-        if exact:  # E[Δb²]/E[y²], the pair terms included
+        if exact and spatial is not None and node.name in spatial.bias_grad:
+            gamma_bias = spatial.bias_grad[node.name] / y
+        elif exact:  # E[Δb²]/E[y²], the pair terms included
             gamma_bias = tidy(bias_grad_m2(node, bwd_states[node.name]) / y)
             if is_zero(gamma_bias):
                 notes.append("bias: a batchnorm below subtracts it again; its gradient is zero")

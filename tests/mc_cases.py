@@ -406,4 +406,21 @@ layers:
   - {name: relu2, op: relu}
   - {name: conv3, op: conv, out: 256, kernel: 1}
 """, batch=16, draws=128, seed=38, tol=0.02, batch_gradient=True),
+    # padded 3×3 convs on a 6×6 map under a global pool: a border position reads fewer taps,
+    # so it carries less of a channel's offset forward and less of the shared gradient back,
+    # and the shared gradient ends up on interior pairs, where a conv's backward pass loses
+    # few taps; the spatial kernel keeps every pair of positions (mean-field limit: 3%).
+    "padded_chain_pooled_gradient": MCCase("""
+name: mc-padded-chain
+input: {channels: 32, size: 6}
+layers:
+  - {name: c0, op: conv, out: 96, kernel: 1, bias: false}
+  - {name: r0, op: relu}
+  - {name: c1, op: conv, out: 96, kernel: 3, padding: 1, bias: false}
+  - {name: r1, op: relu}
+  - {name: c2, op: conv, out: 96, kernel: 3, padding: 1}
+  - {name: r2, op: relu}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 256}
+""", batch=16, draws=256, seed=36, tol=0.03),
 }

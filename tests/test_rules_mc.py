@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from scalecalc import kernel
 from scalecalc.codegen import EMITTERS
 from scalecalc.exact import EXACT
 from scalecalc.graph import build
@@ -241,6 +242,13 @@ def _small_map_pooled_gradient(net: Net, x: Tensor) -> Tensor:
     return net.linear("fc", net.node("gap", h.mean((2, 3))), 256)
 
 
+def _padded_chain_pooled_gradient(net: Net, x: Tensor) -> Tensor:
+    h = net.node("r0", F.relu(net.conv("c0", x, 96, 1, bias=False)))
+    h = net.node("r1", F.relu(net.conv("c1", h, 96, 3, padding=1, bias=False)))
+    h = net.node("r2", F.relu(net.conv("c2", h, 96, 3, padding=1)))
+    return net.linear("fc", net.node("gap", h.mean((2, 3))), 256)
+
+
 def _batchnorm_then_gelu(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 32, 3, bias=False)
     h = net.node("bn", F.batch_norm(h, None, None, *_affine(32), training=True, eps=1e-5))
@@ -274,7 +282,8 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "relu_then_avgpool": _relu_then_pool(lambda h: F.avg_pool2d(h, 2)),
     "relu_then_maxpool": _relu_then_pool(lambda h: F.max_pool2d(h, 2)),
     "residual_add": _residual_add, "concat_correlated": _concat_correlated,
-    "small_map_pooled_gradient": _small_map_pooled_gradient, "batchnorm_then_gelu": _batchnorm_then_gelu,
+    "small_map_pooled_gradient": _small_map_pooled_gradient,
+    "padded_chain_pooled_gradient": _padded_chain_pooled_gradient, "batchnorm_then_gelu": _batchnorm_then_gelu,
     "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "concat_then_batchnorm": _concat_then_batchnorm,
     "post_activation_shortcut": _post_activation_shortcut,
     "linear": _linear, "conv": _conv, "conv_same": _conv_same, "relu": _relu,
@@ -568,6 +577,17 @@ def test_simpler_rules_miss_batchnorm_combinations(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(EXACT, op, simpler())
     found = [c for c in checks(analyse(name, "exact"), measure(name)) if c.quantity != "gamma_extrinsic"]
     assert max(c.rel_err for c in found) > worst
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES[name].tol or 0, None)
+
+
+@pytest.mark.parametrize("name", ["padded_chain_pooled_gradient"])
+def test_averaged_pairs_miss_padded_maps(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Negative control for the spatial kernel: with every map too large to hold (CAP = 0) the
+    calculus falls back to the covariance of two positions averaged over all pairs, and the
+    shared gradient and γ of the padded convs come out several percent low."""
+    monkeypatch.setattr(kernel, "CAP", 0)
+    found = [c for c in checks(analyse(name, "exact"), measure(name)) if c.quantity != "gamma_extrinsic"]
     with pytest.raises(AssertionError, match="rule predictions disagree"):
         assert_agrees(found, COMBO_CASES[name].tol or 0, None)
 
