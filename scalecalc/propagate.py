@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scalecalc import expr
 from scalecalc.assumptions import Checks, border_factors, check
 from scalecalc.errors import ScalecalcError
 from scalecalc.exact import EXACT, bias_grad_m2, mask_grad_m2, weight_grad_m2
 from scalecalc.graph import Network, Node
-from scalecalc.kernel import Kernel, kernel
 from scalecalc.rules import RULES, Rule
 from scalecalc.state import State, added, bordered, is_zero
+
+if TYPE_CHECKING:
+    from scalecalc.kernel import Kernel
 
 M = Any
 
@@ -125,7 +127,11 @@ def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[flo
         out = bordered(out, border.get(node.name, (1, 1, 1))[0])
         fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
     # where the maps are small, the pair structure of the gradient comes from the spatial kernel
-    spatial = kernel(net, fwd) if exact else None
+    spatial = None
+    if exact and not net.symbols:
+        from scalecalc.kernel import kernel  # numpy, only for numbers
+
+        spatial = kernel(net, fwd)
     bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
     bwd[net.output] = State(net.grad_m2, 0)
     sent: dict[str, tuple[State, ...]] = {}
