@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from mdtable import md_table
 
-from scalecalc import expr
+from scalecalc import expr, kernel
 from scalecalc.codegen import emit_torch
 from scalecalc.corrections import correct
 from scalecalc.graph import build
@@ -47,7 +47,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output-std", type=float, default=0.05)
+    p.add_argument("--kernel-cap", type=int, help="largest map (positions) the spatial kernel holds")
     args = p.parse_args()
+    if args.kernel_cap is not None:
+        kernel.CAP = args.kernel_cap
     overrides = {k: expr.evaluate(v, {}) for k, v in (item.split("=", 1) for item in args.set)}
     spec = load(args.spec)
     fixed = correct(build(spec, overrides), args.output_std)

@@ -95,8 +95,8 @@ def main() -> None:
         m, k, g, gk = np.mean(measured[n], axis=0)
         f, b = fwd[n], bwd[n]
         gamma = f"{np.mean(gammas[n]) / float(analysis[n].gamma) - 1:+.1%}" if n in gammas else ""
-        print(f"| `{n}` | {net.node(n).op} | {m / float(f.m) - 1:+.1%} | {float(f.k) / float(f.m):.3f} / {k / m:.3f} | "
-              f"{g / float(b.m) - 1:+.1%} | {float(b.k) / float(b.m):.3f} / {gk / g:.3f} | {gamma} |")
+        print(f"| `{n}` | {net.node(n).op} | {m / float(f.m) - 1:+.1%} | {float(f.k) / float(f.m):.4f} / {k / m:.4f} | "
+              f"{g / float(b.m) - 1:+.1%} | {float(b.k) / float(b.m):.4f} / {gk / g:.4f} | {gamma} |")
 
 
 if __name__ == "__main__":

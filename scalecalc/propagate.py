@@ -221,8 +221,10 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
             share = 1 - single / grad if not expr.is_symbolic(grad) else 0
             if share > PAIR_SHARE:
                 gamma_exact = False
+                held = spatial is not None and node.name in spatial.weight_grad
                 notes.append(f"γ: {100 * share:.0f}% of E[ΔW²] is pair terms of shared offsets and pooled "
-                             "gradients (Gaussian, independence approximations)")
+                             "gradients (" + ("every pair of positions, wide limit" if held else
+                                              "Gaussian, independence approximations") + ")")
         else:  # Eq. 2 with the ς this layer itself carries back to its input (App. C)
             gamma = tidy(varsigma_in / (n_out * n_in * k2 * weight_m2**2))
         notes.append(str(node.init))
