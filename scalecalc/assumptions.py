@@ -63,12 +63,21 @@ def check(net: Network, calculus: str = "exact") -> Checks:
     shared = _shared_randomness(net)
     grad_free = _uncorrelated_gradients(net)
     paper = calculus == "paper"  # the exact calculus tracks means and shared gradients itself
+    pooled: dict[str, bool] = {}  # an average of ReLU outputs: non-negative, not Gaussian
     for node in net.nodes:
         if not node.inputs:
             symmetric[node.name] = mean_free[node.name] = True
+            pooled[node.name] = False
             continue
         sym_in = all(symmetric[s] for s in node.inputs)
         free_in = all(mean_free[s] for s in node.inputs)
+        pooled[node.name] = ((node.op in POOLS and not free_in)
+                             or (node.op in ("scale", "bias", "identity") and pooled[node.inputs[0]]))
+        if not paper and node.op in ("relu", "leaky_relu") and pooled[node.inputs[0]]:
+            notes[node.name].append(f"{node.op}: input averages ReLU outputs (non-negative, taken as Gaussian "
+                                    "with its mean); approximate")
+            bad["forward"].add(node.name)
+            bad["backward"].add(node.name)
         if paper and node.op in NEEDS_SYMMETRIC and not sym_in:
             notes[node.name].append(f"{node.op}: input not symmetric about zero; approximate")
             bad["forward"].add(node.name)

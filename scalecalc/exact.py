@@ -213,11 +213,13 @@ def _avgpool_forward(node: Node, xs: Sequence[State]) -> State:
     """m' = (τ·m + τ(τ−1)·k)/K²,  k' = τ²·k/K²   (τ = T/ρ'² mean real taps, K = window size).
 
     Each output averages τ real inputs (torch divides by K), τ terms of m and τ(τ−1)
-    shared pairs; two outputs share the channel offset through all τ² pairs.
+    shared pairs; two outputs share the channel offset through all τ² pairs. A mean every
+    element shares (a ReLU's) stays: μ' = τ·μ/K.
     """
     a, x, p = node.attrs, xs[0], node.shape.positions
     t, big_k = a["taps"], a["k2"]
-    return State(x.m * t / (p * big_k**2) + x.k * t * (t - p) / (p * big_k) ** 2, x.k * t**2 / (p * big_k) ** 2)
+    return State(x.m * t / (p * big_k**2) + x.k * t * (t - p) / (p * big_k) ** 2, x.k * t**2 / (p * big_k) ** 2,
+                 mean=x.mean * t / (p * big_k))  # a mean is averaged with the padding's zeros
 
 
 def _avgpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:

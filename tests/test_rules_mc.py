@@ -222,6 +222,12 @@ def _relu_then_pool(pool: Callable[[Tensor], Tensor]) -> Callable[[Net, Tensor],
     return ref
 
 
+def _relu_avgpool_relu(net: Net, x: Tensor) -> Tensor:
+    h = net.node("relu", F.relu(net.conv("conv1", x, 64, 3, bias=False)))
+    h = net.node("relu2", F.relu(net.node("pool", F.avg_pool2d(h, 2))))
+    return net.conv("conv2", h, 256, 1)
+
+
 def _residual_add(net: Net, x: Tensor) -> Tensor:
     stem = net.conv("stem", x, 64, 1, bias=False)
     h = net.node("relu1", F.relu(stem))
@@ -281,6 +287,7 @@ def _post_activation_shortcut(net: Net, x: Tensor) -> Tensor:
 REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "relu_then_avgpool": _relu_then_pool(lambda h: F.avg_pool2d(h, 2)),
     "relu_then_maxpool": _relu_then_pool(lambda h: F.max_pool2d(h, 2)),
+    "relu_avgpool_relu": _relu_avgpool_relu,
     "residual_add": _residual_add, "concat_correlated": _concat_correlated,
     "small_map_pooled_gradient": _small_map_pooled_gradient,
     "padded_chain_pooled_gradient": _padded_chain_pooled_gradient, "batchnorm_then_gelu": _batchnorm_then_gelu,
@@ -590,6 +597,19 @@ def test_averaged_pairs_miss_padded_maps(monkeypatch: pytest.MonkeyPatch, name: 
     found = [c for c in checks(analyse(name, "exact"), measure(name)) if c.quantity != "gamma_extrinsic"]
     with pytest.raises(AssertionError, match="rule predictions disagree"):
         assert_agrees(found, COMBO_CASES[name].tol or 0, None)
+
+
+def test_pooled_relu_mean_reaches_the_next_relu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: an average pool that drops its input's mean hands the next ReLU a
+    centred input, which halves a non-negative signal (E[x²] off by 2×)."""
+    rule = EXACT["avgpool"]
+    monkeypatch.setitem(EXACT, "avgpool", ExactRule(lambda node, xs: replace(rule.forward(node, xs), mean=0),
+                                                    rule.backward))
+    found = [c for c in checks(analyse("relu_avgpool_relu", "exact"), measure("relu_avgpool_relu"))
+             if c.quantity != "gamma_extrinsic"]
+    assert max(c.rel_err for c in found) > 0.4
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES["relu_avgpool_relu"].tol or 0, None)
 
 
 @pytest.mark.parametrize("name", ["relu_then_avgpool", "relu_then_maxpool"])
