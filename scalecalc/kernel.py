@@ -90,7 +90,7 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
         dy = g[node.name]
         if node.weighted:
             assert node.init is not None
-            weight[node.name] = float(np.sum(dy * x[node.name])) / (
+            weight[node.name] = _dot(dy, x[node.name]) / (
                 node.attrs["n_in"] * float(node.init.m2) * node.attrs["k2"])
         if node.attrs.get("bias") is True or node.op == "bias":
             bias[node.name] = float(np.sum(dy))
@@ -269,11 +269,13 @@ def _forward(node: Node, xs: list[Any], gates: dict[str, np.ndarray]) -> Any:
         return (1 + slope**2) / 2 * x
     sd = np.sqrt(np.maximum(_diagonal(x), 0.0))
     scale = sd[:, :, None, None] * sd[None, None, :, :]
-    theta = np.arccos(np.clip(np.divide(x, scale, out=np.ones_like(x), where=scale > 0), -1.0, 1.0))
+    rho = np.clip(np.divide(x, scale, out=np.ones_like(x), where=scale > 0), -1.0, 1.0)
     i, j = np.indices(sd.shape)
-    theta[i, j, i, j] = 0.0  # a position with itself; arccos would turn rounding near 1 into ~1e-8
-    gates[node.name] = slope + (1 - slope) ** 2 * (math.pi - theta) / (2 * math.pi)
-    arc = scale * (np.sin(theta) + (math.pi - theta) * np.cos(theta)) / (2 * math.pi)
+    rho[i, j, i, j] = 1.0  # a position with itself; arccos would turn rounding near 1 into ~1e-8
+    open_both = (math.pi - np.arccos(rho)) / (2 * math.pi)  # (π − θ)/2π
+    gates[node.name] = slope + (1 - slope) ** 2 * open_both
+    # (sin θ + (π − θ)·cos θ)/2π with cos θ = ρ
+    arc = scale * (np.sqrt(1.0 - rho * rho) / (2 * math.pi) + open_both * rho)
     return (1 - slope) ** 2 * arc + slope * x
 
 
@@ -281,6 +283,13 @@ def _mean_diagonal(x: Any) -> float:
     if isinstance(x, list):
         return sum(c * float(np.mean(np.diag(a))) * float(np.mean(np.diag(b))) for c, a, b in x)
     return float(np.mean(_diagonal(x))) if isinstance(x, np.ndarray) else float(x)
+
+
+def _dot(a: Any, b: Any) -> float:
+    """Σ_{p,q} A(p,q)·B(p,q), without a temporary array."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return float(np.vdot(a.ravel(), b.ravel()))
+    return float(np.sum(a * b))
 
 
 def _total(x: Any) -> float:
