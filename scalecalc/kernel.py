@@ -44,6 +44,7 @@ from scalecalc.graph import Network, Node
 from scalecalc.state import State, add_weights
 
 CAP = 1024  # positions of the largest map held whole: a 32×32 map, 8 MB per array
+BUDGET = 2 * 10**8  # array entries over all held nodes (about 0.3 s per 10⁸ on one core)
 LINEAR = {"scale", "bias", "identity", "conv", "linear", "avgpool", "global_avgpool", "flatten", "add"}
 SUPPORTED = LINEAR | {"relu", "leaky_relu"}
 
@@ -63,10 +64,13 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
     cap = CAP if cap is None else cap
     if net.symbols or not _applies(net):
         return None
-    held = {n.name for n in net.nodes[1:] if n.shape.positions <= cap}
-    for node in reversed(net.nodes[1:]):  # a node is held only if every reader is
-        if any(r not in held for r in net.graph.successors(node.name)):
-            held.discard(node.name)
+    sizes = sorted({int(n.shape.positions) for n in net.nodes[1:] if n.shape.positions <= cap}, reverse=True)
+    for size in sizes:  # the largest maps go first where the whole would take too long
+        held = _held(net, size)
+        if sum(int(net.node(n).shape.positions) ** 2 for n in held) <= BUDGET:
+            break
+    else:
+        return None
     if not held:
         return None
     x: dict[str, Any] = {}
@@ -85,23 +89,33 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
     sent: dict[str, tuple[float, ...]] = {}
     weight, bias = {}, {}
     for node in reversed(net.nodes[1:]):
-        if node.name not in held:
+        dy = g.pop(node.name, None)  # every reader has sent its part; nothing reads it again
+        if node.name not in held or dy is None:
             continue
-        dy = g[node.name]
         if node.weighted:
             assert node.init is not None
-            weight[node.name] = _dot(dy, x[node.name]) / (
+            weight[node.name] = _dot(dy, x.pop(node.name)) / (
                 node.attrs["n_in"] * float(node.init.m2) * node.attrs["k2"])
         if node.attrs.get("bias") is True or node.op == "bias":
             bias[node.name] = float(np.sum(dy))
         if all(s in held for s in node.inputs):
             ds = _backward(node, dy, gates)
+            gates.pop(node.name, None)
             for src, d in zip(node.inputs, ds):
                 g[src] = d if src not in g else g[src] + d
             sent[node.name] = tuple(_ratio(d) for d in ds)
         else:  # reads a map too large to hold (a window op or a global pool): only averages leave
             sent[node.name] = (_boundary(node, dy),)
     return Kernel(sent, weight, bias)
+
+
+def _held(net: Network, cap: int) -> set[str]:
+    """Nodes on maps of at most ``cap`` positions all of whose readers are held too."""
+    held = {n.name for n in net.nodes[1:] if n.shape.positions <= cap}
+    for node in reversed(net.nodes[1:]):
+        if any(r not in held for r in net.graph.successors(node.name)):
+            held.discard(node.name)
+    return held
 
 
 def _applies(net: Network) -> bool:

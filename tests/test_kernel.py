@@ -141,6 +141,24 @@ def test_map_too_large_to_hold_enters_and_leaves_averaged(monkeypatch: pytest.Mo
     assert float(propagate(net)["c2"].gamma) != pytest.approx(float(whole["c2"].gamma), rel=1e-3)
 
 
+def test_budget_drops_the_largest_maps_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held arrays cost P² entries each; over the budget the largest maps are let go first,
+    which here is the same as a cap of 16 positions (the 8×8 maps enter averaged)."""
+    net = build(parse(BOUNDARY, "boundary.yaml"))
+    fwd, _ = states(net)
+    monkeypatch.setattr(kernel, "CAP", 16)
+    capped = kernel.kernel(net, fwd)
+    monkeypatch.setattr(kernel, "CAP", 1024)
+    monkeypatch.setattr(kernel, "BUDGET", 2000)  # the 8×8 maps alone are 2·64² entries
+    budgeted = kernel.kernel(net, fwd)
+    assert capped is not None and budgeted is not None
+    assert "c0" not in budgeted.weight_grad
+    assert budgeted == capped
+    monkeypatch.setattr(kernel, "BUDGET", 100)  # not even the 4×4 maps: the vectors alone
+    vectors = kernel.kernel(net, fwd)
+    assert vectors is not None and set(vectors.weight_grad) == {"fc"}
+
+
 @pytest.mark.parametrize(("spec", "why"), [
     ("{name: m, op: maxpool, kernel: 2}", "maxpool"),
     ("{name: p, op: avgpool, kernel: 2}\n  - {name: r2, op: relu}", "a ReLU reading a pooled ReLU has a mean"),
