@@ -27,8 +27,9 @@ bias gets E[Δb²] = Σ_{p,q} G'(p,q).
 This holds where every ReLU and every sum reads centred inputs (conv outputs and what scales,
 pools or adds them), so it is used only on networks of the ops below whose ReLUs and adds see
 no mean; elsewhere the calculus keeps its averaged rules. Maps of more than ``CAP`` positions
-are not held: they enter as the averaged state (k off the diagonal, m on it), and the gradient
-they receive leaves as its average again.
+are not held, nor the largest maps of a network whose arrays would pass ``BUDGET`` entries: they
+enter as the averaged state (k off the diagonal, m on it), and the gradient they receive leaves
+as its average again.
 """
 
 from __future__ import annotations
