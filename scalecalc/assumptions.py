@@ -18,6 +18,11 @@ of them can fail structurally, and each is checked on the graph alone:
   is flagged where it exceeds ``BORDER_TOLERANCE``.
 - **uncorrelated branches.** ``add`` and ``concat`` sum moments; two inputs that share a
   source through no random weight are correlated.
+- **wide layers.** The rules are the limit of wide layers. Where a global pool has made the
+  gradient shared by all positions, each (leaky) ReLU it passes on its way down adds an O(1/n) drift (n its
+  channels) that the rules leave out — measured at about 1.2·Σ1/n on a plain pooled conv chain
+  and 0.35–0.7·Σ1/n in bottleneck stacks (``docs/accuracy.md``) — so a backward moment is
+  trusted only while Σ1/n stays within ``WIDTH_TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ ADDS_MEAN = frozenset({"relu", "leaky_relu", "sigmoid", "gelu", "maxpool"})
 MAKES_SYMMETRIC = frozenset({"conv", "linear"})
 WINDOWS = frozenset({"conv", "avgpool", "maxpool"})
 BORDER_TOLERANCE = 0.03  # the accuracy asked of exact rules
+WIDTH_TOLERANCE = 0.025  # Σ 1/n below a global pool: a drift of ≈1.2·Σ1/n stays within 3%
 Profile = tuple[tuple[float, ...], tuple[float, ...]]  # per-axis relative moments, mean 1
 
 
@@ -99,6 +105,15 @@ def check(net: Network, calculus: str = "exact") -> Checks:
                                     "(rule assumes uncorrelated)")
             bad["forward"].add(node.name)
             bad["backward"].add(node.name)
+    if not net.symbols:
+        width = _finite_width(net)
+        for node in net.nodes[1:]:
+            crossed = [r for r in net.graph.successors(node.name) if width[r] <= WIDTH_TOLERANCE < width[node.name]]
+            if crossed:
+                notes[node.name].append(f"{node.op}: the globally pooled gradient has passed ReLU layers of Σ1/n = "
+                                        f"{width[node.name]:.3f} on its way here; the wide-limit rules drift by "
+                                        "about that fraction (finite width)")
+                bad["backward"].add(node.name)
     if not net.symbols and paper:  # the exact calculus applies these factors itself
         for name, (fwd, bwd, _) in border_factors(net).items():
             for error, what in ((fwd, "input"), (bwd, "gradient")):
@@ -228,6 +243,21 @@ def _uncorrelated_gradients(net: Network) -> dict[str, bool]:
         for src in node.inputs:
             flags[src] = flags[src] and sent
     return flags
+
+
+def _finite_width(net: Network) -> dict[str, float]:
+    """Per node: Σ 1/n over the (leaky) ReLU layers that a globally pooled gradient — one
+    shared by every position of a map — has passed on its way down to it (n: their channels),
+    the most over all paths. (A window pool shares a gradient among K positions only.)"""
+    total = {name: 0.0 for name in net.order}
+    pooled = {name: False for name in net.order}
+    for node in reversed(net.nodes[1:]):
+        below = pooled[node.name] or node.op == "global_avgpool"
+        step = 1 / float(node.shape.channels) if node.op in NEEDS_SYMMETRIC and pooled[node.name] else 0.0
+        for src in node.inputs:
+            pooled[src] = pooled[src] or below
+            total[src] = max(total[src], total[node.name] + step)
+    return total
 
 
 def _shared_randomness(net: Network) -> dict[str, frozenset[str]]:
