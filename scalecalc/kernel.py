@@ -94,9 +94,7 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
         if node.name not in held or dy is None:
             continue
         if node.weighted:
-            assert node.init is not None
-            weight[node.name] = _dot(dy, x.pop(node.name)) / (
-                node.attrs["n_in"] * float(node.init.m2) * node.attrs["k2"])
+            weight[node.name] = _dot(dy, x.pop(node.name)) / (node.attrs["n_in"] * _w2(node) * node.attrs["k2"])
         if node.attrs.get("bias") is True or node.op == "bias":
             bias[node.name] = float(np.sum(dy))
         if all(s in held for s in node.inputs):
@@ -263,10 +261,10 @@ def _whole(x: Any) -> Any:
 def _forward(node: Node, xs: list[Any], gates: dict[str, np.ndarray]) -> Any:
     op, a = node.op, node.attrs
     if op in ("conv", "avgpool"):
-        scale = a["n_in"] * float(node.init.m2) if op == "conv" and node.init is not None else 1.0
+        scale = a["n_in"] * _w2(node) if op == "conv" else 1.0
         return scale * _whole(_spatial(xs[0], _axes(node)))
     if op == "linear":
-        return a["n_in"] * float(node.init.m2) * _mean_diagonal(xs[0]) if node.init is not None else 0.0
+        return a["n_in"] * _w2(node) * _mean_diagonal(xs[0])
     if op == "global_avgpool":
         return _total(xs[0]) / node.in_shapes[0].positions**2
     if op == "flatten":
@@ -294,6 +292,12 @@ def _forward(node: Node, xs: list[Any], gates: dict[str, np.ndarray]) -> Any:
     return (1 - slope) ** 2 * arc + slope * x
 
 
+def _w2(node: Node) -> float:
+    """E[W²] of a weighted layer's init."""
+    assert node.init is not None
+    return float(node.init.m2)
+
+
 def _mean_diagonal(x: Any) -> float:
     if isinstance(x, list):
         return sum(c * float(np.mean(np.diag(a))) * float(np.mean(np.diag(b))) for c, a, b in x)
@@ -317,14 +321,13 @@ def _backward(node: Node, dy: Any, gates: Mapping[str, np.ndarray]) -> list[Any]
     op, a = node.op, node.attrs
     src = node.in_shapes[0]
     if op in ("conv", "avgpool"):
-        scale = a["n_out"] * float(node.init.m2) if op == "conv" and node.init is not None else 1.0
+        scale = a["n_out"] * _w2(node) if op == "conv" else 1.0
         axes = _axes(node)
         if axes is None:
             return [scale * dy]
         return [scale * _map(_map(dy, axes[0], (0, 2), back=True), axes[1], (1, 3), back=True)]
     if op == "linear":
-        g = a["n_out"] * float(node.init.m2) * dy if node.init is not None else 0.0
-        return [g]
+        return [a["n_out"] * _w2(node) * dy]
     if op == "global_avgpool":
         p = src.positions
         return [np.full((src.h, src.w, src.h, src.w), dy / p**2)]

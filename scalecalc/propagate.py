@@ -208,7 +208,9 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         gamma_ext = tidy(n_in * taps * taps * xs[0] ** 2 * dy / (node.shape.positions * k2 * y))
         if exact:  # Thm 1 directly, with the pair terms of shared offsets and pooled gradients
             x_state, g_state = fwd_states[node.inputs[0]], bwd_states[node.name]
-            if spatial is not None and node.name in spatial.weight_grad:  # mean field, and the mask's 1/fan-in
+            held = spatial is not None and node.name in spatial.weight_grad
+            if held:  # every pair of positions in the wide limit, and the mask's 1/fan-in
+                assert spatial is not None
                 grad = spatial.weight_grad[node.name] + mask_grad_m2(node, x_state, fwd_states[node.name],
                                                                      masks.get(node.name))
             else:
@@ -221,7 +223,6 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
             share = 1 - single / grad if not expr.is_symbolic(grad) else 0
             if share > PAIR_SHARE:
                 gamma_exact = False
-                held = spatial is not None and node.name in spatial.weight_grad
                 notes.append(f"γ: {100 * share:.0f}% of E[ΔW²] is pair terms of shared offsets and pooled "
                              "gradients (" + ("every pair of positions, wide limit" if held else
                                               "Gaussian, independence approximations") + ")")
