@@ -88,10 +88,15 @@ def correct(net: Network, output_std: float = DEFAULT_OUTPUT_STD, calculus: str 
         out=1.0, bias={n.name: 1.0 for n in net.nodes if n.op == "bias"},
     )
     ref = weighted[0].name
+    held: dict[str, float] = {}
     for sweep in range(1, MAX_SWEEPS + 1):  # noqa: B007 (reported after the loop)
-        change = _forward_sweep(net, plan, output_std, calculus)
+        change, rules = _forward_sweep(net, plan, output_std, calculus, held)
         a = propagate(apply(net, plan)[0], calculus)
-        change = max(change, _balance(plan, a, ref))
+        # where the spatial kernel holds a map, the analysis' E[x²] is its, not the rules': the
+        # sweep takes the ratio (unchanged by multipliers on a chain) into the next sweep
+        new = {r.name: float(r.forward_m2) / rules[r.name] for r in a.nodes if rules.get(r.name)}
+        change = max(change, _balance(plan, a, ref), *(abs(v / held.get(n, 1.0) - 1) for n, v in new.items()))
+        held = new
         if change < TOLERANCE:
             break
     else:
@@ -115,21 +120,25 @@ def _move(old: float, new: float, change: list[float]) -> float:
     return new
 
 
-def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str) -> float:
-    """Set the forward conditions (2–4) in graph order, each from the moments above it."""
+def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str, held: Mapping[str, float],
+                   ) -> tuple[float, dict[str, float]]:
+    """Set the forward conditions (2–4) in graph order, each from the moments above it (the
+    rules' E[x²] times ``held``, the spatial kernel's ratio to it); return the largest
+    relative change and the rules' E[x²] per node."""
     fixed, origin = apply(net, plan)
     change: list[float] = [0.0]
     states = {"input": State(net.input_m2, 0)}
     border = border_factors(fixed) if calculus == "exact" else {}
     for node in fixed.nodes[1:]:
         ins = [states[s] for s in node.inputs]
-        xs = [float(x.m) for x in ins]
+        xs = [float(x.m) * held.get(s, 1.0) for s, x in zip(node.inputs, ins)]
         kind, target, index = origin.get(node.name, ("", "", 0))
         if kind == "pre":
             value = 1 / math.sqrt(xs[0] * math.sqrt(_k_eff(net.node(target))))
             plan.pre[target] = _move(plan.pre[target], value, change)
         elif kind == "branch":
-            value = math.sqrt(states[fixed.node(target).inputs[0]].m / xs[0])
+            source = fixed.node(target).inputs[0]
+            value = math.sqrt(states[source].m * held.get(source, 1.0) / xs[0])
             plan.branch[(target, index)] = _move(plan.branch[(target, index)], value, change)
         elif kind == "out":
             value = output_std / math.sqrt(xs[0])
@@ -142,7 +151,7 @@ def _forward_sweep(net: Network, plan: _Plan, output_std: float, calculus: str) 
             states[node.name] = State(RULES[node.op].forward(node, xs), 0)
             continue
         states[node.name] = scaled(ins[0], value**2)
-    return max(change)
+    return max(change), {name: float(s.m) for name, s in states.items()}
 
 
 def _balance(plan: _Plan, a: Analysis, ref: str) -> float:

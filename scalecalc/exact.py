@@ -267,8 +267,8 @@ def _maxpool_forward(node: Node, xs: Sequence[State]) -> State:
     x = xs[0]
     if rectified := _rectified(x):
         a, pre = rectified
-        f2, _, _, _, mean = rectified_max(_window(node), float(ratio(_near(pre), pre.m)), float(a))
-        f_pair = rectified_max(_window(node), float(ratio(pre.k, pre.m)), float(a))[1]
+        f2, f_pair, _, _, mean = rectified_max(_window(node), float(ratio(_near(pre), pre.m)), float(a),
+                                               float(ratio(pre.k, pre.m)))
         return State(pre.m * f2, pre.m * f_pair, mean=expr.sqrt(pre.m) * mean)
     # max(μ + b + zᵢ) = μ + b + max z: the mean adds 2μ·E[max z] to both moments
     mu1, spread = max_mean(_window(node)), root(x.m - x.k)
@@ -292,7 +292,7 @@ def _maxpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[St
     gates: tuple[tuple[M, M, M, M], ...] = ()
     if rectified := _rectified(x):
         a, pre = rectified
-        gate = rectified_max(window, float(ratio(_near(pre), pre.m)), float(a))[2:4]
+        gate = rectified_max(window, float(ratio(_near(pre), pre.m)), float(a), float(ratio(pre.k, pre.m)))[2:4]
         gates = ((dy.m * share, dy.k * share / window, *gate),)
     # each window's gradient goes to one input, so the sum over positions is kept
     return (_summed(node, State(dy.m * share, dy.k * share / window, gates=gates), dy, 1),)

@@ -87,16 +87,20 @@ def pair(f: Callable[[float], float], m: float, k: float) -> float:
 
 
 @lru_cache(maxsize=256)
-def rectified_max(window: int, rho: float, a: float) -> tuple[float, float, float, float, float]:
-    """Moments of f(b + M) for f(x) = max(x, a·x), b ~ N(0, ρ), M the max of ``window`` iid
-    N(0, 1−ρ) (a unit-variance input whose positions share a fraction ρ):
+def rectified_max(window: int, rho: float, a: float, far: float | None = None,
+                  ) -> tuple[float, float, float, float, float]:
+    """Moments of f(b + u + M) for f(x) = max(x, a·x): a unit-variance input whose positions
+    share a fraction ``far`` (b ~ N(0, far), shared by every window of a channel) and, within
+    one window, a fraction ρ ≥ far (u ~ N(0, ρ − far), the window's own); M the max of
+    ``window`` iid N(0, 1−ρ). ``far`` defaults to ρ (no window part):
 
         E[f²],  E_b[E[f | b]²],  E[f'²],  E_b[E[f' | b]²],  E[f].
 
     The first two are E[y²] and the covariance of two windows of one channel (they share b
     only); the last two gate the gradient routed to the window maxima. M has density
     K·φ(t)·Φ(t)^(K−1) (t standardised); it is integrated on a fine grid because f has a kink,
-    and b by Gauss–Hermite quadrature.
+    u in closed form given b and M (a leaky ReLU of a Gaussian, ``leaky_moments``), and b by
+    Gauss–Hermite quadrature.
     """
     import numpy as np
 
@@ -104,11 +108,23 @@ def rectified_max(window: int, rho: float, a: float) -> tuple[float, float, floa
     below = np.array([cdf(v) for v in t.tolist()])
     pdf = window * np.exp(-t * t / 2) / math.sqrt(2 * math.pi) * below ** (window - 1)
     rho = min(max(rho, 0.0), 1.0)
+    far = rho if far is None else min(max(far, 0.0), rho)
     nodes, weights = (np.array(v) for v in hermite())
-    x = math.sqrt(rho) * nodes[:, None] + math.sqrt(1 - rho) * t[None, :]  # (b nodes, grid)
-    f = np.where(x > 0, x, a * x)
-    df = np.where(x > 0, 1.0, a)
-    mean = [np.trapezoid(v * pdf, t, axis=1) for v in (f * f, f, df * df, df)]
+    x = math.sqrt(far) * nodes[:, None] + math.sqrt(1 - rho) * t[None, :]  # (b nodes, grid)
+    own = rho - far
+    if own > 1e-12:  # E over u ~ N(0, own) given x: relu(x+u) = xΦ(x/s) + sφ(x/s), s = √own
+        s = math.sqrt(own)
+        up = _normal_cdf(x / s)
+        phi = np.exp(-x * x / (2 * own)) / math.sqrt(2 * math.pi)
+        relu1, relu2 = x * up + s * phi, (x * x + own) * up + x * s * phi
+        f = a * x + (1 - a) * relu1  # E[f | b, M]
+        f2 = a * a * (x * x + own) + (1 - a * a) * relu2  # f² = a²y² + (1 − a²)·relu(y)²
+        df, df2 = a + (1 - a) * up, a * a + (1 - a * a) * up
+    else:
+        f = np.where(x > 0, x, a * x)
+        f2, df = f * f, np.where(x > 0, 1.0, a)
+        df2 = df * df
+    mean = [np.trapezoid(v * pdf, t, axis=1) for v in (f2, f, df2, df)]
     return (float(weights @ mean[0]), float(weights @ mean[1] ** 2),
             float(weights @ mean[2]), float(weights @ mean[3] ** 2), float(weights @ mean[1]))
 
@@ -191,3 +207,100 @@ def _normal_cdf(x: Any) -> Any:
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
     tail = 0.5 * poly * np.exp(-y * y)  # Φ(−|x|)
     return np.where(x >= 0, 1 - tail, tail)
+
+
+@dataclass(frozen=True)
+class WindowMax:
+    """Moments of y_A = f(max_{p∈A} z_p) over the windows A of a centred Gaussian field z, and
+    of the gradient each window routes to its arg-max (``window_max``). Arrays are [P, P] or
+    [W, W], positions and windows in row-major order."""
+
+    pairs: Any  # E[y_A·y_B]
+    routed: Any  # E[r_p·r_q], r_p = 1 where p is the first arg-max of its window
+    opened: Any  # E[r_p·f'(z_p)·r_q·f'(z_q)]: what reaches the field itself
+
+
+SAMPLES = 2**22  # field draws × positions per pool: 2¹⁴ draws of a 16×16 map, 2¹² of a 32×32 one
+LOCAL = 2**24  # draws × positions of the windows drawn alone: 2¹⁶ draws up to 64 windows of 4
+CHUNK = 2048
+
+
+def _factor(cov: Any) -> Any:
+    """L with L·Lᵀ = cov (a stack of them): Cholesky, with a jitter of 1e-12 of the mean
+    variance where cov is singular (its draws then differ from cov's by that much)."""
+    import numpy as np
+
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        jitter = 1e-12 * float(np.mean(np.diagonal(cov, axis1=-2, axis2=-1))) + 1e-300
+        return np.linalg.cholesky(cov + jitter * np.eye(cov.shape[-1]))
+
+
+def window_max(cov: Any, f_cov: Any, windows: Any, slope: float | None, seed: int = 0) -> WindowMax:
+    """Window maxima of a centred Gaussian field of covariance ``cov`` [P, P], with f a leaky
+    ReLU of ``slope`` (or the identity, ``None``) and ``f_cov`` = E[f(z_p)·f(z_q)] in closed
+    form (the arc-cosine kernel); ``windows`` [W, K] holds each window's positions.
+
+    max f(zᵢ) = f(max zᵢ) for increasing f. A maximum of correlated Gaussians of unequal
+    variances has no closed form, so the field is sampled (a fixed seed: the result is
+    deterministic) as z = L·ξ, L the Cholesky factor of cov (unique, so that the draws move
+    continuously with cov and scale with it exactly): the whole field for the pairs of
+    windows, and each window alone (its K×K block, 2¹⁶ draws of up to 64 windows, 2¹⁴ of 256)
+    for its own moments and routing, which carry E[x²] and E[Δx²]. The window mean c_A = Σ_{p∈A} f(z_p)/K is highly
+    correlated with y_A and E[c_A·c_B] is known exactly, so it serves as a control variate:
+    E[y_A·y_B] ≈ mean(y_A·y_B) − β_AB·(mean(c_A·c_B) − E[c_A·c_B]), β_AB the regression
+    coefficient of the two products over the draws.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_win, k = windows.shape
+    size = cov.shape[0]
+    a = 1.0 if slope is None else slope
+    exact_cc = f_cov[windows[:, :, None, None], windows[None, None, :, :]].mean(axis=(1, 3))
+
+    def moments(zw: Any) -> tuple[Any, Any, Any, Any]:
+        """y, c, the first arg-max and f' there ([W, N] each) of windows zw [W, K, N]."""
+        fz = zw if slope is None else np.maximum(zw, a * zw)  # f, for 0 ≤ a ≤ 1
+        top = zw.argmax(axis=1)  # torch's rule: the first of equal maxima
+        y = np.take_along_axis(fz, top[:, None, :], axis=1)[:, 0]  # f(max z) = max f(z)
+        slope_at = np.where(np.take_along_axis(zw, top[:, None, :], axis=1)[:, 0] > 0, 1.0, a)
+        return y, fz.mean(axis=1), top, slope_at
+
+    root, total = _factor(cov), CHUNK * max(1, min(8, SAMPLES // (size * CHUNK)))  # larger maps: more windows
+    sums = [np.zeros((n_win, n_win))] * 4 + [np.zeros((size, size))] * 2
+    draw = np.arange(CHUNK)[None, :]
+    for _ in range(total // CHUNK):
+        y, c, top, slope_at = moments((root @ rng.standard_normal((size, CHUNK)))[windows])
+        at = windows[np.arange(n_win)[:, None], top]  # [W, N]: the position each window routes to
+        route, gated = np.zeros((size, CHUNK)), np.zeros((size, CHUNK))
+        route[at, draw], gated[at, draw] = 1.0, slope_at
+        sums = [s + u @ u.T for s, u in zip(sums, (y, c, y * c, c * c, route, gated))]
+    yy, cc, ycyc, c2c2, routed, opened = (v / total for v in sums)
+    pairs = _controlled(yy, cc, ycyc, c2c2, exact_cc)
+
+    block = _factor(cov[windows[:, :, None], windows[:, None, :]])  # [W, K, K]: each window alone
+    own = [np.zeros(n_win)] * 4 + [np.zeros((n_win, k))] * 2
+    local = CHUNK * max(1, min(32, LOCAL // (size * CHUNK)))
+    for _ in range(local // CHUNK):
+        y, c, top, slope_at = moments(block @ rng.standard_normal((n_win, k, CHUNK)))
+        hits = [top == i for i in range(k)]
+        own = [s + (u * u).sum(axis=-1) for s, u in zip(own[:4], (y, c, y * c, c * c))] + [
+            own[4] + np.stack([h.sum(axis=-1) for h in hits], axis=1),
+            own[5] + np.stack([(h * slope_at**2).sum(axis=-1) for h in hits], axis=1)]
+    own = [v / local for v in own]
+    ii = np.arange(n_win)
+    pairs[ii, ii] = _controlled(own[0], own[1], own[2], own[3], np.diagonal(exact_cc))
+    routed[windows.ravel(), windows.ravel()] = own[4].ravel()
+    opened[windows.ravel(), windows.ravel()] = own[5].ravel()
+    return WindowMax(pairs, routed, opened)
+
+
+def _controlled(yy: Any, cc: Any, ycyc: Any, c2c2: Any, exact_cc: Any) -> Any:
+    """E[y_A·y_B] from sampled means, with c the control variate (exact mean ``exact_cc``)."""
+    import numpy as np
+
+    var = c2c2 - cc * cc
+    beta = np.divide(ycyc - yy * cc, var, out=np.zeros_like(var), where=var > 1e-300)
+    return yy - beta * (cc - exact_cc)

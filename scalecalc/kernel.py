@@ -16,13 +16,18 @@ limit of wide layers:
     conv      X' = n·E[W²]·Σ_a S_a X S_aᵀ       G = n'·E[W²]·Σ_a S_aᵀ G' S_a
     avg pool  X' = A X Aᵀ                        G = Aᵀ G' A
     ReLU      X' = (1−a)²·κ(X) + a·X             G = G'·(a + (1−a)²·(π − θ)/2π)
+    max pool  X'(A,B) = E[f(max_A z)·f(max_B z)]  G(p,q) = G'(A,B)·E[r_p·r_q]
 
 S_a the shift of tap a (stride, padding), A = Σ_a S_a/K the window average, θ = arccos of
 the correlation X(p,q)/√(X(p,p)·X(q,q)) of the ReLU's centred Gaussian input and κ the
 arc-cosine kernel √(X(p,p)·X(q,q))·(sin θ + (π − θ)·cos θ)/2π. Every linear map acts on the
 two axes apart (the taps of a k×k window are a product set), which the code uses. Then per
 weighted layer, exactly in this limit, E[ΔW²] = Σ_{p,q} G'(p,q)·X'(p,q)/(n·E[W²]·k²) and the
-bias gets E[Δb²] = Σ_{p,q} G'(p,q).
+bias gets E[Δb²] = Σ_{p,q} G'(p,q). A max pool of non-overlapping windows A, B reads a
+centred Gaussian field z, or a (leaky) ReLU f of one (then f(max z) = max f(z)); r_p is 1
+where p is the first arg-max of its window, times f'(z_p) below the ReLU, whose gate then
+comes with the routing. Its moments are sampled (``gaussian.window_max``, a fixed seed).
+The calculus takes E[x²], k and E[Δx²] of every held map from here.
 
 This holds where every ReLU and every sum reads centred inputs (conv outputs and what scales,
 pools or adds them), so it is used only on networks of the ops below whose ReLUs and adds see
@@ -41,21 +46,25 @@ from typing import Any
 
 import numpy as np
 
+from scalecalc.gaussian import window_max
 from scalecalc.graph import Network, Node
 from scalecalc.state import State, add_weights
+from scalecalc.windows import axis_maps, diagonal, identity, mapped, pool_windows, spatial_map, whole
 
 CAP = 1024  # positions of the largest map held whole: a 32×32 map, 8 MB per array
 BUDGET = 2 * 10**8  # array entries over all held nodes (about 0.3 s per 10⁸ on one core)
 LINEAR = {"scale", "bias", "identity", "conv", "linear", "avgpool", "global_avgpool", "flatten", "add"}
-SUPPORTED = LINEAR | {"relu", "leaky_relu"}
+SUPPORTED = LINEAR | {"relu", "leaky_relu", "maxpool"}
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """What the spatial kernel changes in the calculus: per node, the ratio gk/g of the gradient
-    each input is sent (by input index), and per weighted layer E[ΔW²] and E[Δb²]."""
+    """What the spatial kernel changes in the calculus: per node E[x²] and, on a map, the
+    covariance k of two positions; the E[Δx²] and gk/g of the gradient each input is sent
+    (by input index); per weighted layer E[ΔW²] and E[Δb²]."""
 
-    sent: Mapping[str, tuple[float, ...]]
+    forward: Mapping[str, tuple[float, float | None]]
+    sent: Mapping[str, tuple[tuple[float | None, float], ...]]
     weight_grad: Mapping[str, float]
     bias_grad: Mapping[str, float]
 
@@ -72,22 +81,26 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
             break
     else:
         return None
-    if not held:
+    if not any(net.node(n).shape.spatial for n in held):  # vectors alone: nothing to add
         return None
     x: dict[str, Any] = {}
-    gates: dict[str, np.ndarray] = {}
+    gates: dict[Any, Any] = {}
+    forward: dict[str, tuple[float, float | None]] = {}
     last = {s: i for i, node in enumerate(net.nodes) for s in node.inputs}  # a map's last reader
     for i, node in enumerate(net.nodes[1:], 1):
         if node.name in held:
             ins = [x[s] if s in x else _averaged(fwd[s], _shape(net, s)) for s in node.inputs]
-            x[node.name] = _forward(node, ins, gates)
+            x[node.name] = _maxpool(node, ins, gates) if node.op == "maxpool" else _forward(node, ins, gates)
+            forward[node.name] = _moments(x[node.name])
+            if node.op in ("relu", "leaky_relu") and _pooled(net, node.name):
+                gates["pre", node.name] = (float(node.attrs.get("slope", 0)), whole(ins[0]))  # for the pool
         for s in node.inputs:  # keep what γ needs (weighted outputs); drop the rest once read
             if last[s] == i and s in x and not net.node(s).weighted:
                 del x[s]
     out = net.node(net.output).shape  # iid output gradients: every position its own
-    g: dict[str, Any] = {net.output: float(net.grad_m2) * _whole(_identity(out)) if out.spatial
+    g: dict[str, Any] = {net.output: float(net.grad_m2) * whole(identity(out)) if out.spatial
                          else float(net.grad_m2)}
-    sent: dict[str, tuple[float, ...]] = {}
+    sent: dict[str, tuple[tuple[float | None, float], ...]] = {}
     weight, bias = {}, {}
     for node in reversed(net.nodes[1:]):
         dy = g.pop(node.name, None)  # every reader has sent its part; nothing reads it again
@@ -102,15 +115,17 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
             gates.pop(node.name, None)
             for src, d in zip(node.inputs, ds):
                 g[src] = d if src not in g else g[src] + d
-            sent[node.name] = tuple(_ratio(d) for d in ds)
+            sent[node.name] = tuple((_moments(d)[0], _ratio(d)) for d in ds)
         else:  # reads a map too large to hold (a window op or a global pool): only averages leave
-            sent[node.name] = (_boundary(node, dy),)
-    return Kernel(sent, weight, bias)
+            sent[node.name] = ((None, _boundary(node, dy)),)
+    return Kernel(forward, sent, weight, bias)
 
 
 def _held(net: Network, cap: int) -> set[str]:
-    """Nodes on maps of at most ``cap`` positions all of whose readers are held too."""
-    held = {n.name for n in net.nodes[1:] if n.shape.positions <= cap}
+    """Nodes on maps of at most ``cap`` positions all of whose readers are held too; a max pool
+    also needs its input held (it samples that field)."""
+    held = {n.name for n in net.nodes[1:]
+            if n.shape.positions <= cap and (n.op != "maxpool" or n.in_shapes[0].positions <= cap)}
     for node in reversed(net.nodes[1:]):
         if any(r not in held for r in net.graph.successors(node.name)):
             held.discard(node.name)
@@ -125,11 +140,53 @@ def _applies(net: Network) -> bool:
     for node in net.nodes[1:]:
         if node.op not in SUPPORTED:
             return False
+        if node.op == "maxpool" and not _pools_gaussian(net, node, centred):
+            return False
         if node.op in ("relu", "leaky_relu", "add") and not all(s in centred for s in node.inputs):
             return False
         if node.op in ("conv", "linear") or (node.op in LINEAR and all(s in centred for s in node.inputs)):
             centred.add(node.name)
     return True
+
+
+def _pools_gaussian(net: Network, node: Node, centred: set[str]) -> bool:
+    """A max pool of non-overlapping windows that reads a centred signal, or a (leaky) ReLU
+    of one that nothing else reads (the pool then decides where that ReLU's gradient goes)."""
+    a = node.attrs
+    if a["stride"] != a["kernel"] or a["padding"] != (0, 0):
+        return False
+    src = node.inputs[0]
+    if src != "input" and net.node(src).op in ("relu", "leaky_relu"):
+        return _pooled(net, src)
+    return src in centred
+
+
+def _pooled(net: Network, name: str) -> bool:
+    return [net.node(r).op for r in net.graph.successors(name)] == ["maxpool"]
+
+
+def _moments(x: Any) -> tuple[float, float | None]:
+    """E[x²] (the mean diagonal) and, on a map, the mean covariance of two positions."""
+    if not isinstance(x, np.ndarray):
+        return float(x), None
+    p = x.shape[0] * x.shape[1]
+    trace = float(np.sum(diagonal(x)))
+    return trace / p, (None if p == 1 else (float(np.sum(x)) - trace) / (p * (p - 1)))
+
+
+def _maxpool(node: Node, xs: list[Any], gates: dict[Any, Any]) -> Any:
+    """Sampled window maxima (``gaussian.window_max``) of the field the pool reads, or after a
+    (leaky) ReLU of its Gaussian input; what the backward pass routes is kept in ``gates``."""
+    src = node.in_shapes[0]
+    pre = gates.pop(("pre", node.inputs[0]), None)
+    p = int(src.positions)
+    f_cov = whole(xs[0]).reshape(p, p)
+    cov, slope = (f_cov, None) if pre is None else (pre[1].reshape(p, p), pre[0])
+    windows = pool_windows(node)
+    result = window_max(cov, f_cov, windows, slope)
+    gates[node.name] = (result, windows, None if pre is None else node.inputs[0])
+    h, w = int(node.shape.h), int(node.shape.w)
+    return result.pairs.reshape(h, w, h, w)
 
 
 def _shape(net: Network, name: str) -> Any:
@@ -142,145 +199,34 @@ def _averaged(state: State, shape: Any) -> Any:
         return float(state.m)
     k = float(state.k)
     terms = [(k, np.ones((shape.h, shape.h)), np.ones((shape.w, shape.w)))] if k != 0 else []
-    return terms + [(c * (float(state.m) - k), a, b) for c, a, b in _identity(shape)]
-
-
-def _identity(shape: Any) -> list[tuple[float, np.ndarray, np.ndarray]]:
-    return [(1.0, np.eye(shape.h), np.eye(shape.w))]
-
-
-# -- the linear maps, one spatial axis at a time ------------------------------------------------
-
-@dataclass(frozen=True)
-class Shift:
-    """Output o reads input s·o + d, for the outputs lo ≤ o < hi whose input is real."""
-
-    lo: int
-    hi: int
-    d: int
-    s: int
-
-    def output(self) -> slice:
-        return slice(self.lo, self.hi)
-
-    def input(self) -> slice:
-        return slice(self.s * self.lo + self.d, self.s * (self.hi - 1) + self.d + 1, self.s)
-
-
-@dataclass(frozen=True)
-class Tap:
-    """One term w·S_l X S_rᵀ of an axis map (the same shift on both sides for a conv, whose
-    taps have independent weights; every pair of window taps for a pool, whose taps share one)."""
-
-    weight: float
-    left: Shift
-    right: Shift
-
-
-@dataclass(frozen=True)
-class Axis:
-    size_in: int
-    size_out: int
-    taps: tuple[Tap, ...]
-
-
-def _shifts(size_in: int, size_out: int, k: int, s: int, pad: int) -> list[Shift]:
-    out = []
-    for a in range(k):
-        d = a - pad
-        lo = -(d // s) if d < 0 else 0  # the first output whose input s·o + d ≥ 0 (ceil of −d/s)
-        hi = min(size_out, (size_in - 1 - d) // s + 1)
-        out.append(Shift(lo, max(lo, hi), d, s))
-    return out
-
-
-def _axes(node: Node) -> tuple[Axis, Axis] | None:
-    """The per-axis maps of a conv (Σ over taps, each tap paired with itself: weights of
-    different taps are independent) or an average pool (every pair of taps, each 1/K);
-    None for a 1×1 conv of stride 1, which maps every position to itself."""
-    a = node.attrs
-    src = node.in_shapes[0]
-    if a["kernel"] == (1, 1) and a["stride"] == (1, 1) and a["padding"] == (0, 0):
-        return None
-    result = []
-    for size_in, size_out, k, s, p in ((src.h, node.shape.h, a["kernel"][0], a["stride"][0], a["padding"][0]),
-                                       (src.w, node.shape.w, a["kernel"][1], a["stride"][1], a["padding"][1])):
-        shifts = _shifts(int(size_in), int(size_out), int(k), int(s), int(p))
-        taps = ([Tap(1.0, t, t) for t in shifts] if node.op == "conv"
-                else [Tap(1.0 / int(k) ** 2, t, u) for t in shifts for u in shifts])
-        result.append(Axis(int(size_in), int(size_out), tuple(taps)))
-    return result[0], result[1]
-
-
-def _map(x: np.ndarray, axis: Axis, dims: tuple[int, int], back: bool = False) -> np.ndarray:
-    """Σ_t w_t·S_l X S_rᵀ on the two array dimensions of one spatial axis (Sᵀ · S backward):
-    each term moves a strided slice of x onto a slice of the result."""
-    shape = list(x.shape)
-    shape[dims[0]] = shape[dims[1]] = axis.size_in if back else axis.size_out
-    total = np.zeros(shape)
-    for tap in axis.taps:
-        into, frm = [slice(None)] * x.ndim, [slice(None)] * x.ndim
-        for dim, shift in zip(dims, (tap.left, tap.right)):
-            into[dim], frm[dim] = (shift.input(), shift.output()) if back else (shift.output(), shift.input())
-        total[tuple(into)] += tap.weight * x[tuple(frm)]
-    return total
-
-
-def _matrix(shift: Shift, axis: Axis) -> np.ndarray:
-    m = np.zeros((axis.size_out, axis.size_in))
-    o = np.arange(shift.lo, shift.hi)
-    m[o, shift.s * o + shift.d] = 1.0
-    return m
-
-
-def _spatial(x: Any, axes: tuple[Axis, Axis] | None) -> Any:
-    if axes is None:
-        return x
-    rows, cols = axes
-    if isinstance(x, list):  # Kronecker terms: each axis alone, then the outer product
-        return sum(c * np.einsum("ac,bd->abcd", _one(a, rows), _one(b, cols)) for c, a, b in x)
-    return _map(_map(x, rows, (0, 2)), cols, (1, 3))
-
-
-def _one(b: np.ndarray, axis: Axis) -> np.ndarray:
-    return sum(t.weight * _matrix(t.left, axis) @ b @ _matrix(t.right, axis).T for t in axis.taps)
-
-
-def _diagonal(x: np.ndarray) -> np.ndarray:
-    return np.einsum("ijij->ij", x)
-
-
-def _whole(x: Any) -> Any:
-    if isinstance(x, list):
-        return sum(c * np.einsum("ac,bd->abcd", a, b) for c, a, b in x)
-    return x
+    return terms + [(c * (float(state.m) - k), a, b) for c, a, b in identity(shape)]
 
 
 # -- forward and backward -------------------------------------------------------------------------
 
-def _forward(node: Node, xs: list[Any], gates: dict[str, np.ndarray]) -> Any:
+def _forward(node: Node, xs: list[Any], gates: dict[Any, Any]) -> Any:
     op, a = node.op, node.attrs
     if op in ("conv", "avgpool"):
         scale = a["n_in"] * _w2(node) if op == "conv" else 1.0
-        return scale * _whole(_spatial(xs[0], _axes(node)))
+        return scale * whole(spatial_map(xs[0], axis_maps(node)))
     if op == "linear":
         return a["n_in"] * _w2(node) * _mean_diagonal(xs[0])
     if op == "global_avgpool":
         return _total(xs[0]) / node.in_shapes[0].positions**2
     if op == "flatten":
         return _mean_diagonal(xs[0])
-    x = _whole(xs[0])
+    x = whole(xs[0])
     if op == "scale":
         return float(a["value"]) ** 2 * x
     if op in ("bias", "identity"):
         return x
     if op == "add":
-        return sum(float(w) ** 2 * _whole(v) for w, v in zip(add_weights(node), xs))
+        return sum(float(w) ** 2 * whole(v) for w, v in zip(add_weights(node), xs))
     slope = float(a.get("slope", 0)) if op == "leaky_relu" else 0.0
     if not isinstance(x, np.ndarray):  # a vector: one variance, the paper's rule
         gates[node.name] = np.asarray((1 + slope**2) / 2)
         return (1 + slope**2) / 2 * x
-    sd = np.sqrt(np.maximum(_diagonal(x), 0.0))
+    sd = np.sqrt(np.maximum(diagonal(x), 0.0))
     scale = sd[:, :, None, None] * sd[None, None, :, :]
     rho = np.clip(np.divide(x, scale, out=np.ones_like(x), where=scale > 0), -1.0, 1.0)
     i, j = np.indices(sd.shape)
@@ -301,7 +247,7 @@ def _w2(node: Node) -> float:
 def _mean_diagonal(x: Any) -> float:
     if isinstance(x, list):
         return sum(c * float(np.mean(np.diag(a))) * float(np.mean(np.diag(b))) for c, a, b in x)
-    return float(np.mean(_diagonal(x))) if isinstance(x, np.ndarray) else float(x)
+    return float(np.mean(diagonal(x))) if isinstance(x, np.ndarray) else float(x)
 
 
 def _dot(a: Any, b: Any) -> float:
@@ -317,15 +263,27 @@ def _total(x: Any) -> float:
     return float(np.sum(x))
 
 
-def _backward(node: Node, dy: Any, gates: Mapping[str, np.ndarray]) -> list[Any]:
+def _backward(node: Node, dy: Any, gates: dict[Any, Any]) -> list[Any]:
     op, a = node.op, node.attrs
     src = node.in_shapes[0]
+    if op == "maxpool":  # G(p, q) = G'(A, B)·E[r_p·r_q]; the ReLU below gets E[r_p f'_p r_q f'_q]
+        result, windows, relu = gates[node.name]
+        p = int(src.positions)
+        window_of = np.full(p, -1)
+        window_of[windows.ravel()] = np.repeat(np.arange(windows.shape[0]), windows.shape[1])
+        flat = dy.reshape(windows.shape[0], windows.shape[0])
+        spread = np.where((window_of[:, None] >= 0) & (window_of[None, :] >= 0), flat[window_of][:, window_of], 0.0)
+        if relu is not None:
+            gates["grad", relu] = (spread * result.opened).reshape(src.h, src.w, src.h, src.w)
+        return [(spread * result.routed).reshape(src.h, src.w, src.h, src.w)]
+    if ("grad", node.name) in gates:  # a ReLU under a max pool: its gate came with the routing
+        return [gates.pop(("grad", node.name))]
     if op in ("conv", "avgpool"):
         scale = a["n_out"] * _w2(node) if op == "conv" else 1.0
-        axes = _axes(node)
+        axes = axis_maps(node)
         if axes is None:
             return [scale * dy]
-        return [scale * _map(_map(dy, axes[0], (0, 2), back=True), axes[1], (1, 3), back=True)]
+        return [scale * mapped(mapped(dy, axes[0], (0, 2), back=True), axes[1], (1, 3), back=True)]
     if op == "linear":
         return [a["n_out"] * _w2(node) * dy]
     if op == "global_avgpool":
@@ -334,7 +292,7 @@ def _backward(node: Node, dy: Any, gates: Mapping[str, np.ndarray]) -> list[Any]
     if op == "flatten":
         if not src.spatial:
             return [dy]
-        return [dy * _whole(_identity(src))]  # each feature its own weights
+        return [dy * whole(identity(src))]  # each feature its own weights
     if op == "scale":
         return [float(a["value"]) ** 2 * dy]
     if op in ("bias", "identity"):
@@ -349,7 +307,7 @@ def _ratio(g: Any) -> float:
     if not isinstance(g, np.ndarray):
         return 0.0
     p = g.shape[0] * g.shape[1]
-    trace = float(np.sum(_diagonal(g)))
+    trace = float(np.sum(diagonal(g)))
     return 0.0 if p == 1 or trace == 0 else (float(np.sum(g)) - trace) / (p - 1) / trace
 
 
@@ -362,9 +320,9 @@ def _boundary(node: Node, dy: Any) -> float:
         return 1.0
     if node.op not in ("conv", "avgpool"):
         return 0.0
-    axes = _axes(node)
-    ones = _whole(_spatial([(1.0, np.ones((src.h, src.h)), np.ones((src.w, src.w)))], axes))
-    eye = _whole(_spatial(_identity(src), axes))
+    axes = axis_maps(node)
+    ones = whole(spatial_map([(1.0, np.ones((src.h, src.h)), np.ones((src.w, src.w)))], axes))
+    eye = whole(spatial_map(identity(src), axes))
     total, trace = float(np.sum(dy * ones)), float(np.sum(dy * eye))
     p = src.positions
     return 0.0 if trace == 0 else (total - trace) / (p - 1) / trace

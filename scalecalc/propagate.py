@@ -132,6 +132,8 @@ def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[flo
         from scalecalc.kernel import kernel  # numpy, only for numbers
 
         spatial = kernel(net, fwd)
+        for name, (m, k) in ({} if spatial is None else spatial.forward).items():
+            fwd[name] = replace(fwd[name], m=m, k=fwd[name].k if k is None else k)
     bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
     bwd[net.output] = State(net.grad_m2, 0)
     sent: dict[str, tuple[State, ...]] = {}
@@ -141,7 +143,8 @@ def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[flo
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
         if spatial is not None and node.name in spatial.sent:
-            sent[node.name] = tuple(replace(s, k=s.m * r) for s, r in zip(sent[node.name], spatial.sent[node.name]))
+            sent[node.name] = tuple(replace(s, m=s.m if m is None else m, k=(s.m if m is None else m) * r)
+                                    for s, (m, r) in zip(sent[node.name], spatial.sent[node.name]))
         for src, grad in zip(node.inputs, sent[node.name]):
             bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
     bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))

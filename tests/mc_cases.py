@@ -425,6 +425,41 @@ layers:
     # so it carries less of a channel's offset forward and less of the shared gradient back,
     # and the shared gradient ends up on interior pairs, where a conv's backward pass loses
     # few taps; the spatial kernel keeps every pair of positions (mean-field limit: 3%).
+    # Max pooling a ReLU whose conv read a ReLU mean: positions share a per-channel offset,
+    # and neighbours more than that. Two windows share only the offset, so their covariance
+    # comes from it alone, while each window's maximum sees the neighbours' correlation; the
+    # global pool's E[x²] is almost all that covariance. The kernel is within 2.5% except
+    # c1's γ, 4% high: with 64 inputs the routing still favours positions whose inputs are
+    # larger (an O(1/fan-in) effect; 11% with 16 inputs). Approximate, 5%.
+    "relu_maxpool_pooled": MCCase("""
+name: mc-relu-maxpool-pooled
+input: {channels: 64, size: 16}
+layers:
+  - {name: c1, op: conv, out: 96, kernel: 1, bias: false}
+  - {name: r1, op: relu}
+  - {name: c2, op: conv, out: 96, kernel: 3, padding: 1, bias: false}
+  - {name: r2, op: relu}
+  - {name: pool, op: maxpool, kernel: 2}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 256}
+""", batch=16, draws=128, seed=38, tol=0.05),
+    # Two max pools on small padded maps (8×8, then 4×4): border positions read fewer taps,
+    # so the windows hold positions of unequal variance and the maximum favours the interior.
+    # The spatial kernel samples each window's maximum from the field's whole covariance
+    # (mean-field limit, worst 1.3%); the averaged rule is 8–10% off (the negative control).
+    "maxpool_chain": MCCase("""
+name: mc-maxpool-chain
+input: {channels: 32, size: 8}
+layers:
+  - {name: c1, op: conv, out: 128, kernel: 3, padding: 1, bias: false}
+  - {name: r1, op: relu}
+  - {name: p1, op: maxpool, kernel: 2}
+  - {name: c2, op: conv, out: 128, kernel: 3, padding: 1, bias: false}
+  - {name: r2, op: relu}
+  - {name: p2, op: maxpool, kernel: 2}
+  - {name: flat, op: flatten}
+  - {name: fc, op: linear, out: 256}
+""", batch=16, draws=256, seed=39, tol=0.03),
     "padded_chain_pooled_gradient": MCCase("""
 name: mc-padded-chain
 input: {channels: 32, size: 6}

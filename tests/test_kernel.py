@@ -154,13 +154,12 @@ def test_budget_drops_the_largest_maps_first(monkeypatch: pytest.MonkeyPatch) ->
     assert capped is not None and budgeted is not None
     assert "c0" not in budgeted.weight_grad
     assert budgeted == capped
-    monkeypatch.setattr(kernel, "BUDGET", 100)  # not even the 4×4 maps: the vectors alone
-    vectors = kernel.kernel(net, fwd)
-    assert vectors is not None and set(vectors.weight_grad) == {"fc"}
+    monkeypatch.setattr(kernel, "BUDGET", 100)  # not even the 4×4 maps: vectors alone, nothing to add
+    assert kernel.kernel(net, fwd) is None
 
 
 @pytest.mark.parametrize(("spec", "why"), [
-    ("{name: m, op: maxpool, kernel: 2}", "maxpool"),
+    ("{name: m, op: maxpool, kernel: 3, stride: 2}", "overlapping max-pool windows"),
     ("{name: p, op: avgpool, kernel: 2}\n  - {name: r2, op: relu}", "a ReLU reading a pooled ReLU has a mean"),
 ])
 def test_kernel_stays_out_where_it_does_not_hold(spec: str, why: str) -> None:
