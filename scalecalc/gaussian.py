@@ -212,12 +212,33 @@ def _normal_cdf(x: Any) -> Any:
 @dataclass(frozen=True)
 class WindowMax:
     """Moments of y_A = f(max_{p∈A} z_p) over the windows A of a centred Gaussian field z, and
-    of the gradient each window routes to its arg-max (``window_max``). Arrays are [P, P] or
-    [W, W], positions and windows in row-major order."""
+    of the gradient each window routes to its arg-max (``window_max``); positions and windows
+    in row-major order. r_p = 1 where p is the first arg-max of its window."""
 
-    pairs: Any  # E[y_A·y_B]
-    routed: Any  # E[r_p·r_q], r_p = 1 where p is the first arg-max of its window
-    opened: Any  # E[r_p·f'(z_p)·r_q·f'(z_q)]: what reaches the field itself
+    pairs: Any  # [W, W]: E[y_A·y_B]
+    routed: Any  # [P]: E[r_p]
+    opened: Any  # [P]: E[r_p·f'(z_p)²], what reaches the field itself
+    at: Any  # [W, N]: the position each window routed to, per draw of the whole field
+    slope_at: Any  # [W, N]: f' there
+
+    def pair_routes(self, size: int) -> tuple[Any, Any]:
+        """[P, P]: E[r_p·r_q] and E[r_p f'(z_p)·r_q f'(z_q)] (the diagonals from the windows
+        drawn alone), for a gradient whose windows covary."""
+        import numpy as np
+
+        draws = self.at.shape[1]
+        routed, opened = np.zeros((size, size)), np.zeros((size, size))
+        for lo in range(0, draws, CHUNK):
+            at, slope = self.at[:, lo:lo + CHUNK], self.slope_at[:, lo:lo + CHUNK]
+            route, gated = np.zeros((size, at.shape[1])), np.zeros((size, at.shape[1]))
+            route[at, np.arange(at.shape[1])[None, :]] = 1.0
+            gated[at, np.arange(at.shape[1])[None, :]] = slope
+            routed += route @ route.T
+            opened += gated @ gated.T
+        routed, opened = routed / draws, opened / draws
+        np.fill_diagonal(routed, self.routed)
+        np.fill_diagonal(opened, self.opened)
+        return routed, opened
 
 
 SAMPLES = 2**22  # field draws × positions per pool: 2¹⁴ draws of a 16×16 map, 2¹² of a 32×32 one
@@ -269,15 +290,14 @@ def window_max(cov: Any, f_cov: Any, windows: Any, slope: float | None, seed: in
         return y, fz.mean(axis=1), top, slope_at
 
     root, total = _factor(cov), CHUNK * max(1, min(8, SAMPLES // (size * CHUNK)))  # larger maps: more windows
-    sums = [np.zeros((n_win, n_win))] * 4 + [np.zeros((size, size))] * 2
-    draw = np.arange(CHUNK)[None, :]
+    sums = [np.zeros((n_win, n_win))] * 4
+    routes, slopes = [], []
     for _ in range(total // CHUNK):
         y, c, top, slope_at = moments((root @ rng.standard_normal((size, CHUNK)))[windows])
-        at = windows[np.arange(n_win)[:, None], top]  # [W, N]: the position each window routes to
-        route, gated = np.zeros((size, CHUNK)), np.zeros((size, CHUNK))
-        route[at, draw], gated[at, draw] = 1.0, slope_at
-        sums = [s + u @ u.T for s, u in zip(sums, (y, c, y * c, c * c, route, gated))]
-    yy, cc, ycyc, c2c2, routed, opened = (v / total for v in sums)
+        routes.append(windows[np.arange(n_win)[:, None], top])  # [W, N]: the position each window routes to
+        slopes.append(slope_at)
+        sums = [s + u @ u.T for s, u in zip(sums, (y, c, y * c, c * c))]
+    yy, cc, ycyc, c2c2 = (v / total for v in sums)
     pairs = _controlled(yy, cc, ycyc, c2c2, exact_cc)
 
     block = _factor(cov[windows[:, :, None], windows[:, None, :]])  # [W, K, K]: each window alone
@@ -292,9 +312,9 @@ def window_max(cov: Any, f_cov: Any, windows: Any, slope: float | None, seed: in
     own = [v / local for v in own]
     ii = np.arange(n_win)
     pairs[ii, ii] = _controlled(own[0], own[1], own[2], own[3], np.diagonal(exact_cc))
-    routed[windows.ravel(), windows.ravel()] = own[4].ravel()
-    opened[windows.ravel(), windows.ravel()] = own[5].ravel()
-    return WindowMax(pairs, routed, opened)
+    routed, opened = np.zeros(size), np.zeros(size)
+    routed[windows.ravel()], opened[windows.ravel()] = own[4].ravel(), own[5].ravel()
+    return WindowMax(pairs, routed, opened, np.concatenate(routes, axis=1), np.concatenate(slopes, axis=1))
 
 
 def _controlled(yy: Any, cc: Any, ycyc: Any, c2c2: Any, exact_cc: Any) -> Any:

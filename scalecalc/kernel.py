@@ -273,9 +273,13 @@ def _backward(node: Node, dy: Any, gates: dict[Any, Any]) -> list[Any]:
         window_of[windows.ravel()] = np.repeat(np.arange(windows.shape[0]), windows.shape[1])
         flat = dy.reshape(windows.shape[0], windows.shape[0])
         spread = np.where((window_of[:, None] >= 0) & (window_of[None, :] >= 0), flat[window_of][:, window_of], 0.0)
+        if np.count_nonzero(flat - np.diag(np.diag(flat))) == 0:  # windows' gradients uncorrelated
+            routed, opened = np.diag(result.routed), np.diag(result.opened)
+        else:
+            routed, opened = result.pair_routes(p)
         if relu is not None:
-            gates["grad", relu] = (spread * result.opened).reshape(src.h, src.w, src.h, src.w)
-        return [(spread * result.routed).reshape(src.h, src.w, src.h, src.w)]
+            gates["grad", relu] = (spread * opened).reshape(src.h, src.w, src.h, src.w)
+        return [(spread * routed).reshape(src.h, src.w, src.h, src.w)]
     if ("grad", node.name) in gates:  # a ReLU under a max pool: its gate came with the routing
         return [gates.pop(("grad", node.name))]
     if op in ("conv", "avgpool"):
