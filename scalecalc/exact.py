@@ -278,8 +278,10 @@ def _maxpool_forward(node: Node, xs: Sequence[State]) -> State:
 
 
 def _rectified(x: State) -> tuple[M, State] | None:
-    """(slope, input) where max pooling reads a (leaky) ReLU of a centred Gaussian with numbers."""
-    if x.rectified is not None and is_zero(x.rectified[1].mean) and not _symbolic_ratio(x.rectified[1]):
+    """(slope, input) where max pooling reads a (leaky) ReLU of a centred Gaussian with numbers,
+    increasing (slope ≥ 0), so that the maximum of its outputs is its output of the maximum."""
+    if (x.rectified is not None and is_zero(x.rectified[1].mean) and not _symbolic_ratio(x.rectified[1])
+            and not expr.is_symbolic(x.rectified[0]) and x.rectified[0] >= 0):
         return x.rectified
     return None
 

@@ -150,14 +150,15 @@ def _applies(net: Network) -> bool:
 
 
 def _pools_gaussian(net: Network, node: Node, centred: set[str]) -> bool:
-    """A max pool of non-overlapping windows that reads a centred signal, or a (leaky) ReLU
-    of one that nothing else reads (the pool then decides where that ReLU's gradient goes)."""
+    """A max pool of non-overlapping windows that reads a centred signal, or an increasing
+    (leaky) ReLU of one that nothing else reads (the pool then decides where that ReLU's
+    gradient goes)."""
     a = node.attrs
     if a["stride"] != a["kernel"] or a["padding"] != (0, 0):
         return False
     src = node.inputs[0]
-    if src != "input" and net.node(src).op in ("relu", "leaky_relu"):
-        return _pooled(net, src)
+    if src != "input" and net.node(src).op in ("relu", "leaky_relu"):  # increasing: max f(z) = f(max z)
+        return _pooled(net, src) and float(net.node(src).attrs.get("slope", 0)) >= 0
     return src in centred
 
 

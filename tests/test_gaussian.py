@@ -113,11 +113,13 @@ def test_window_pair_needs_the_window_part() -> None:
     assert not _agrees(rectified_max(4, 0.3, 0.0)[1], y[:, 0] * y[:, 1])
 
 
-def test_window_max_of_a_field() -> None:
-    """Sampled window maxima of a field with unequal variances and correlations, against an
-    independent sample 16× larger: within 4 standard errors of the field's own draws
-    (relative SE of a mean of squares ≈ √(2/N)) for the window moments, and binomial errors
-    for the routing. Deterministic: the same call gives the same arrays."""
+@pytest.mark.parametrize("slope", [0.0, 0.2, None])
+def test_window_max_of_a_field(slope: float | None) -> None:
+    """Sampled window maxima of a field with unequal variances and correlations (after a ReLU,
+    a leaky ReLU, or none), against an independent sample 16× larger: within 4 standard errors
+    of the field's own draws (relative SE of a mean of squares ≈ √(2/N)) for the window
+    moments, and binomial errors for the routing. Deterministic: the same call gives the same
+    arrays."""
     rng = np.random.default_rng(3)
     cov, windows = _windowed_field(0.5, 0.2)
     scale = np.diag(rng.uniform(0.5, 1.5, 16))
@@ -125,19 +127,22 @@ def test_window_max_of_a_field() -> None:
     sd = np.sqrt(np.diag(cov))
     rho = np.clip(cov / np.outer(sd, sd), -1, 1)
     theta = np.arccos(rho)
-    f_cov = np.outer(sd, sd) * (np.sqrt(1 - rho**2) + (math.pi - theta) * rho) / (2 * math.pi)
-    result = window_max(cov, f_cov, windows, 0.0)
-    assert np.array_equal(result.pairs, window_max(cov, f_cov, windows, 0.0).pairs)
+    a = 1.0 if slope is None else slope
+    arc = np.outer(sd, sd) * (np.sqrt(1 - rho**2) + (math.pi - theta) * rho) / (2 * math.pi)
+    f_cov = (1 - a) ** 2 * arc + a * cov  # the (leaky) ReLU's arc-cosine kernel; cov itself for a = 1
+    result = window_max(cov, f_cov, windows, slope)
+    assert np.array_equal(result.pairs, window_max(cov, f_cov, windows, slope).pairs)
     draws = min(8 * 2048, SAMPLES // 16)  # what window_max takes for 16 positions
     z = rng.multivariate_normal(np.zeros(16), cov, size=16 * draws)
     zw = z[:, windows]
-    y = np.maximum(zw.max(axis=2), 0)
+    y = _leaky(zw.max(axis=2), a)
     pairs = y.T @ y / len(y)
+    # for a Gaussian pair Var(y_A·y_B) ≤ 2·E[y_A²]·E[y_B²]
     se = np.sqrt(2 / draws) * np.sqrt(np.outer(np.diag(pairs), np.diag(pairs)))
     assert np.all(np.abs(result.pairs - pairs) <= N_SE * se)
     routed = np.zeros((len(z), 16))
     np.put_along_axis(routed, windows[np.arange(4)[None, :], zw.argmax(axis=2)], 1.0, axis=1)  # first maximum
-    opened = routed * (z > 0)
+    opened = routed * np.where(z > 0, 1.0, a)
     for diagonal, full, want in zip((result.routed, result.opened), result.pair_routes(16), (routed, opened)):
         truth = want.T @ want / len(z)  # E[r_p·r_q]: 0 for two positions of one window
         assert np.array_equal(np.diag(full), diagonal)

@@ -176,3 +176,22 @@ layers:
     net = build(parse(text, "outside.yaml"))
     fwd, _ = states(net)
     assert kernel.kernel(net, fwd) is None, why
+
+
+@pytest.mark.parametrize(("slope", "held"), [(0.5, True), (-0.5, False)])
+def test_max_pool_needs_an_increasing_activation(slope: float, held: bool) -> None:
+    """max f(zᵢ) = f(max zᵢ) only for increasing f: a leaky ReLU of negative slope under a max
+    pool is left to the averaged rules."""
+    text = f"""
+name: pooled
+input: {{channels: 4, size: 8}}
+layers:
+  - {{name: c0, op: conv, out: 16, kernel: 3, padding: 1}}
+  - {{name: a0, op: leaky_relu, slope: {slope}}}
+  - {{name: m, op: maxpool, kernel: 2}}
+  - {{name: flat, op: flatten}}
+  - {{name: fc, op: linear, out: 10}}
+"""
+    net = build(parse(text, "pooled.yaml"))
+    fwd, _ = states(net)
+    assert (kernel.kernel(net, fwd) is not None) == held
