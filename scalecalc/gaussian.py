@@ -267,11 +267,11 @@ def window_max(cov: Any, f_cov: Any, windows: Any, slope: float | None, seed: in
     variances has no closed form, so the field is sampled (a fixed seed: the result is
     deterministic) as z = L·ξ, L the Cholesky factor of cov (unique, so that the draws move
     continuously with cov and scale with it exactly): the whole field for the pairs of
-    windows, and each window alone (its K×K block, 2¹⁶ draws of up to 64 windows, 2¹⁴ of 256)
-    for its own moments and routing, which carry E[x²] and E[Δx²]. The window mean c_A = Σ_{p∈A} f(z_p)/K is highly
-    correlated with y_A and E[c_A·c_B] is known exactly, so it serves as a control variate:
-    E[y_A·y_B] ≈ mean(y_A·y_B) − β_AB·(mean(c_A·c_B) − E[c_A·c_B]), β_AB the regression
-    coefficient of the two products over the draws.
+    windows, and each window alone (its K×K block, 2¹⁶ draws of up to 64 windows, 2¹⁴ of
+    256) for its own moments and routing, which carry E[x²] and E[Δx²]. The window mean
+    c_A = Σ_{p∈A} f(z_p)/K is highly correlated with y_A and E[c_A·c_B] is known exactly, so
+    it serves as a control variate: E[y_A·y_B] ≈ mean(y_A·y_B) − β_AB·(mean(c_A·c_B) −
+    E[c_A·c_B]), β_AB the regression coefficient of the two products over the draws.
     """
     import numpy as np
 
@@ -283,8 +283,10 @@ def window_max(cov: Any, f_cov: Any, windows: Any, slope: float | None, seed: in
 
     def moments(zw: Any) -> tuple[Any, Any, Any, Any]:
         """y, c, the first arg-max and f' there ([W, N] each) of windows zw [W, K, N]."""
-        fz = zw if slope is None else np.maximum(zw, a * zw)  # f, for 0 ≤ a ≤ 1
-        top = zw.argmax(axis=1)  # torch's rule: the first of equal maxima
+        fz = zw if slope is None else np.where(zw > 0, zw, a * zw)
+        # the arg-max of z is that of f(z) (ties have probability 0, except a ReLU's zeros:
+        # torch routes those to a window's first position, where the ReLU kills them anyway)
+        top = zw.argmax(axis=1)
         y = np.take_along_axis(fz, top[:, None, :], axis=1)[:, 0]  # f(max z) = max f(z)
         slope_at = np.where(np.take_along_axis(zw, top[:, None, :], axis=1)[:, 0] > 0, 1.0, a)
         return y, fz.mean(axis=1), top, slope_at
