@@ -378,6 +378,19 @@ layers:
     # conv3's batch gradient sums to zero over batch and positions, so the ReLU mean (1/π of
     # E[x²] at relu2) drops out of it and its pair term vanishes. E[1/σ_c²] > 1/E[σ_c²] over
     # the channels grows with 2/rank of the input's covariance, kept small by wide layers: 2%.
+    # A batchnorm's σ̂² is a sample variance of M = B·P values (here 4·4 = 16): E[1/σ̂²]
+    # exceeds 1/σ² by M/(M−3) and the projection on ŷ removes 1/M more, +15% in all; the
+    # 256 weights per unit add ν/(ν−2) = +0.8%. The gradient below BN is orthogonal to the
+    # batch's inputs, which takes O(1/n_in) off the input's E[Δx²] (not modelled).
+    "batchnorm_small_batch": MCCase("""
+name: mc-bn-small-batch
+input: {channels: 256, size: 2}
+layers:
+  - {name: conv1, op: conv, out: 128, kernel: 1, bias: false}
+  - {name: bn, op: batchnorm, batch: 4}
+  - {name: relu, op: relu}
+  - {name: conv2, op: conv, out: 256, kernel: 1}
+""", batch=4, draws=1024, seed=40, tol=0.03),
     "batchnorm_pooled_gradient": MCCase("""
 name: mc-bn-pooled
 input: {channels: 128, size: 6}

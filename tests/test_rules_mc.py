@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from scalecalc import kernel
+from scalecalc import exact, kernel
 from scalecalc.codegen import EMITTERS
 from scalecalc.exact import EXACT
 from scalecalc.graph import build
@@ -268,6 +268,12 @@ def _maxpool_chain(net: Net, x: Tensor) -> Tensor:
     return net.linear("fc", net.node("flat", net.node("p2", F.max_pool2d(h, 2)).flatten(1)), 256)
 
 
+def _batchnorm_small_batch(net: Net, x: Tensor) -> Tensor:
+    h = net.conv("conv1", x, 128, 1, bias=False)
+    h = net.node("bn", F.batch_norm(h, None, None, *_affine(128), training=True, eps=1e-5))
+    return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
+
+
 def _batchnorm_then_gelu(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 32, 3, bias=False)
     h = net.node("bn", F.batch_norm(h, None, None, *_affine(32), training=True, eps=1e-5))
@@ -304,7 +310,7 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "residual_add": _residual_add, "concat_correlated": _concat_correlated,
     "small_map_pooled_gradient": _small_map_pooled_gradient,
     "padded_chain_pooled_gradient": _padded_chain_pooled_gradient, "relu_maxpool_pooled": _relu_maxpool_pooled,
-    "maxpool_chain": _maxpool_chain,
+    "maxpool_chain": _maxpool_chain, "batchnorm_small_batch": _batchnorm_small_batch,
     "batchnorm_then_gelu": _batchnorm_then_gelu,
     "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "concat_then_batchnorm": _concat_then_batchnorm,
     "post_activation_shortcut": _post_activation_shortcut,
@@ -606,6 +612,17 @@ def test_simpler_rules_miss_batchnorm_combinations(monkeypatch: pytest.MonkeyPat
     assert max(c.rel_err for c in found) > worst
     with pytest.raises(AssertionError, match="rule predictions disagree"):
         assert_agrees(found, COMBO_CASES[name].tol or 0, None)
+
+
+def test_batch_sampled_variance_matters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: a batchnorm that takes its σ̂² as the channel's exact variance (no
+    sample-variance factor) passes about 13% too little gradient over 16 values per channel."""
+    monkeypatch.setattr(exact, "sampled_variance", lambda values: 1)
+    found = [c for c in checks(analyse("batchnorm_small_batch", "exact"), measure("batchnorm_small_batch"))
+             if c.quantity != "gamma_extrinsic"]
+    assert max(c.rel_err for c in found) > 0.1
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES["batchnorm_small_batch"].tol or 0, None)
 
 
 @pytest.mark.parametrize("name", ["padded_chain_pooled_gradient", "maxpool_chain"])
