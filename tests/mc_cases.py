@@ -473,6 +473,21 @@ layers:
   - {name: flat, op: flatten}
   - {name: fc, op: linear, out: 256}
 """, batch=16, draws=256, seed=39, tol=0.03),
+    # The kernel's max pool after a leaky ReLU (slope 0.2: the negative half reaches the
+    # maximum too) and straight on a conv's output (no ReLU), on odd maps whose last row and
+    # column no window reads (5×5 → 2×2 → 1×1).
+    "maxpool_leaky_odd": MCCase("""
+name: mc-maxpool-leaky-odd
+input: {channels: 32, size: 5}
+layers:
+  - {name: c1, op: conv, out: 128, kernel: 3, padding: 1, bias: false}
+  - {name: r1, op: leaky_relu, slope: 0.2}
+  - {name: p1, op: maxpool, kernel: 2}
+  - {name: c2, op: conv, out: 128, kernel: 3, padding: 1, bias: false}
+  - {name: p2, op: maxpool, kernel: 2}
+  - {name: flat, op: flatten}
+  - {name: fc, op: linear, out: 256}
+""", batch=16, draws=256, seed=41, tol=0.03),
     "padded_chain_pooled_gradient": MCCase("""
 name: mc-padded-chain
 input: {channels: 32, size: 6}

@@ -274,6 +274,12 @@ def _batchnorm_small_batch(net: Net, x: Tensor) -> Tensor:
     return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
 
 
+def _maxpool_leaky_odd(net: Net, x: Tensor) -> Tensor:
+    h = net.node("r1", F.leaky_relu(net.conv("c1", x, 128, 3, padding=1, bias=False), 0.2))
+    h = net.conv("c2", net.node("p1", F.max_pool2d(h, 2)), 128, 3, padding=1, bias=False)
+    return net.linear("fc", net.node("flat", net.node("p2", F.max_pool2d(h, 2)).flatten(1)), 256)
+
+
 def _batchnorm_then_gelu(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 32, 3, bias=False)
     h = net.node("bn", F.batch_norm(h, None, None, *_affine(32), training=True, eps=1e-5))
@@ -310,7 +316,8 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "residual_add": _residual_add, "concat_correlated": _concat_correlated,
     "small_map_pooled_gradient": _small_map_pooled_gradient,
     "padded_chain_pooled_gradient": _padded_chain_pooled_gradient, "relu_maxpool_pooled": _relu_maxpool_pooled,
-    "maxpool_chain": _maxpool_chain, "batchnorm_small_batch": _batchnorm_small_batch,
+    "maxpool_chain": _maxpool_chain, "maxpool_leaky_odd": _maxpool_leaky_odd,
+    "batchnorm_small_batch": _batchnorm_small_batch,
     "batchnorm_then_gelu": _batchnorm_then_gelu,
     "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "concat_then_batchnorm": _concat_then_batchnorm,
     "post_activation_shortcut": _post_activation_shortcut,
