@@ -24,7 +24,7 @@ from pathlib import Path
 
 from scalecalc import expr
 from scalecalc.codegen import emit_torch
-from scalecalc.exact import sampled_variance
+from scalecalc.exact import variance_spread
 from scalecalc.graph import build
 from scalecalc.propagate import states
 from scalecalc.spec import load
@@ -78,9 +78,7 @@ def main() -> None:
     print("|:--|--:|--:|--:|--:|--:|--:|--:|")
     for node in norms:
         v = torch.cat(seen[node.name])
-        nu = fwd[node.inputs[0]].dof
-        factor = (1 if nu is None or nu <= 2 else nu / (nu - 2)) * (
-            sampled_variance(batch * node.shape.positions) if node.attrs.get("batch") else 1)
+        factor = variance_spread(node, fwd[node.inputs[0]])
         if split[node.name]:
             q, n = torch.cat(split[node.name], dim=1)
             parts = f"{q.mean().item():.3f} | {(q.std() / q.mean()).item():.2f} | {(n.std() / n.mean()).item():.3f}"

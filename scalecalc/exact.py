@@ -325,6 +325,18 @@ def sampled_variance(values: M) -> M:
     return values * (values - 2) / ((values - 3) * (values - 1))
 
 
+def variance_spread(node: Node, x: State) -> M:
+    """E[1/σ̂_c²]·E[σ_c²] of a batchnorm reading x: ν/(ν−2) for the weights per unit, and with
+    its training batch given, ``sampled_variance`` of the B·P values of a channel."""
+    nu, values = x.dof, node.attrs.get("batch")
+    spread = 1 if nu is None or (not expr.is_symbolic(nu) and nu <= 2) else nu / (nu - 2)
+    if values is not None:
+        values = values * node.shape.positions
+        if not expr.is_symbolic(values) and values > 3:
+            spread = spread * sampled_variance(values)
+    return spread
+
+
 def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
     """g' = g/(v+ε), gk' = gk/(v+ε), and the gradient below sums to zero per channel.
 
@@ -341,11 +353,7 @@ def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[
     M = 256, +15% at M = 16).
     """
     x, p, b = xs[0], node.shape.positions, node.attrs.get("batch")
-    nu = x.dof
-    spread = 1 if nu is None or (not expr.is_symbolic(nu) and nu <= 2) else nu / (nu - 2)
-    if b is not None and not expr.is_symbolic(b * p) and b * p > 3:
-        spread = spread * sampled_variance(b * p)
-    v = (x.m - x.k + BN_EPS) / spread
+    v = (x.m - x.k + BN_EPS) / variance_spread(node, x)
     mean = 0 if b is None else (dy.m + (p - 1) * dy.k + dy.batch) / (b * p)  # E[M²], M the batch mean of Δy
     g, gk = (dy.m - mean) / v, (dy.k - mean) / v
     return (State(g, gk, batch=-(g + (p - 1) * gk)),)

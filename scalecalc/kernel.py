@@ -115,7 +115,7 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
             gates.pop(node.name, None)
             for src, d in zip(node.inputs, ds):
                 g[src] = d if src not in g else g[src] + d
-            sent[node.name] = tuple((_moments(d)[0], _ratio(d)) for d in ds)
+            sent[node.name] = tuple(_sent(d) for d in ds)
         else:  # reads a map too large to hold (a window op or a global pool): only averages leave
             sent[node.name] = ((None, _boundary(node, dy)),)
     return Kernel(forward, sent, weight, bias)
@@ -307,13 +307,10 @@ def _backward(node: Node, dy: Any, gates: dict[Any, Any]) -> list[Any]:
     return [dy * gates[node.name]]  # relu, leaky_relu
 
 
-def _ratio(g: Any) -> float:
-    """gk/g of a gradient: the mean covariance of two different positions over the mean square."""
-    if not isinstance(g, np.ndarray):
-        return 0.0
-    p = g.shape[0] * g.shape[1]
-    trace = float(np.sum(diagonal(g)))
-    return 0.0 if p == 1 or trace == 0 else (float(np.sum(g)) - trace) / (p - 1) / trace
+def _sent(g: Any) -> tuple[float, float]:
+    """E[Δx²] of a gradient and gk/g, the mean covariance of two different positions over it."""
+    m, k = _moments(g)
+    return m, 0.0 if k is None or m == 0 else k / m
 
 
 def _boundary(node: Node, dy: Any) -> float:

@@ -143,12 +143,18 @@ def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[flo
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
         if spatial is not None and node.name in spatial.sent:
-            sent[node.name] = tuple(replace(s, m=s.m if m is None else m, k=(s.m if m is None else m) * r)
-                                    for s, (m, r) in zip(sent[node.name], spatial.sent[node.name]))
+            held = zip(sent[node.name], spatial.sent[node.name])
+            sent[node.name] = tuple(_held_gradient(s, m, r) for s, (m, r) in held)
         for src, grad in zip(node.inputs, sent[node.name]):
             bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
     bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))
     return fwd, bwd, sent, spatial
+
+
+def _held_gradient(s: State, m: float | None, ratio: float) -> State:
+    """A sent gradient with the spatial kernel's E[Δx²] (where it has one) and gk/g."""
+    g = s.m if m is None else m
+    return replace(s, m=g, k=g * ratio)
 
 
 def _masks(net: Network, bwd: Mapping[str, State]) -> dict[str, tuple[M, State]]:
@@ -211,11 +217,9 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         gamma_ext = tidy(n_in * taps * taps * xs[0] ** 2 * dy / (node.shape.positions * k2 * y))
         if exact:  # Thm 1 directly, with the pair terms of shared offsets and pooled gradients
             x_state, g_state = fwd_states[node.inputs[0]], bwd_states[node.name]
-            held = spatial is not None and node.name in spatial.weight_grad
-            if held:  # every pair of positions in the wide limit, and the mask's 1/fan-in
-                assert spatial is not None
-                grad = spatial.weight_grad[node.name] + mask_grad_m2(node, x_state, fwd_states[node.name],
-                                                                     masks.get(node.name))
+            held = None if spatial is None else spatial.weight_grad.get(node.name)
+            if held is not None:  # every pair of positions in the wide limit, and the mask's 1/fan-in
+                grad = held + mask_grad_m2(node, x_state, fwd_states[node.name], masks.get(node.name))
             else:
                 grad = border * weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
             nu = fwd_states[node.name].dof
@@ -227,7 +231,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
             if share > PAIR_SHARE:
                 gamma_exact = False
                 notes.append(f"γ: {100 * share:.0f}% of E[ΔW²] is pair terms of shared offsets and pooled "
-                             "gradients (" + ("every pair of positions, wide limit" if held else
+                             "gradients (" + ("every pair of positions, wide limit" if held is not None else
                                               "Gaussian, independence approximations") + ")")
         else:  # Eq. 2 with the ς this layer itself carries back to its input (App. C)
             gamma = tidy(varsigma_in / (n_out * n_in * k2 * weight_m2**2))
