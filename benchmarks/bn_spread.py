@@ -24,8 +24,8 @@ from pathlib import Path
 
 from scalecalc import expr
 from scalecalc.codegen import emit_torch
-from scalecalc.exact import variance_spread
 from scalecalc.graph import build
+from scalecalc.normalise import variance_spread
 from scalecalc.propagate import states
 from scalecalc.spec import load
 from scalecalc.verify import load_module

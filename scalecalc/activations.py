@@ -52,8 +52,10 @@ def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
         if _shifted(x):
             return _leaky_shifted(x, float(a))
         near = None if x.near is None else _arccos_kernel(x.m, x.near, a)
+        shared = None if x.shared is None else _arccos_kernel(x.m, x.shared, a)  # two samples, one position
         mean = (1 - a) * root(x.m / (2 * pi_of(x.m)))  # E[relu(x)] = √(m/2π)
-        return State((1 + a**2) * x.m / 2, _arccos_kernel(x.m, x.k, a), near=near, rectified=(a, x), mean=mean)
+        return State((1 + a**2) * x.m / 2, _arccos_kernel(x.m, x.k, a), near=near, rectified=(a, x), mean=mean,
+                     shared=shared)
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
         """g' = (1+a²)g/2;  gk' = gk·((1+a²)(π−θ) + 2aθ)/2π: both units open with prob. (π−θ)/2π.

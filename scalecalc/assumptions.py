@@ -27,10 +27,10 @@ of them can fail structurally, and each is checked on the graph alone:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from scalecalc.borders import border_factors
 from scalecalc.graph import Network, Node
 
 NEEDS_SYMMETRIC = frozenset({"relu", "leaky_relu"})
@@ -38,10 +38,8 @@ MAKES_ASYMMETRIC = frozenset({"relu", "leaky_relu", "sigmoid", "gelu", "maxpool"
 POOLS = frozenset({"avgpool", "global_avgpool"})
 ADDS_MEAN = frozenset({"relu", "leaky_relu", "sigmoid", "gelu", "maxpool"})
 MAKES_SYMMETRIC = frozenset({"conv", "linear"})
-WINDOWS = frozenset({"conv", "avgpool", "maxpool"})
 BORDER_TOLERANCE = 0.03  # the accuracy asked of exact rules
 WIDTH_TOLERANCE = 0.025  # Σ 1/n below a global pool: a drift of ≈1.2·Σ1/n stays within 3%
-Profile = tuple[tuple[float, ...], tuple[float, ...]]  # per-axis relative moments, mean 1
 
 
 @dataclass(frozen=True)
@@ -145,90 +143,6 @@ def _chain(net: Network, notes: Mapping[str, tuple[str, ...]], bad: Mapping[str,
     gamma = {n.name: bool(n.inputs) and fwd[n.inputs[0]] and bwd[n.name] and n.name not in bad["gamma"]
              for n in net.nodes}
     return Checks(notes, fwd, bwd, gamma)
-
-
-def _window_1d(profile: tuple[float, ...], pairs: list[tuple[int, int]], size: int, backward: bool,
-               ) -> tuple[tuple[float, ...], float]:
-    """Push a per-axis moment profile through a window's (output, input) pairs, forward or
-    backward; return the new profile (of length ``size``) and the ratio of the exact position
-    average to the rule's, which counts taps as if every position carried the mean moment."""
-    result = [0.0] * size
-    for o, i in pairs:
-        if backward:
-            result[i] += profile[o]
-        else:
-            result[o] += profile[i]
-    return _normalise(result), sum(result) / len(pairs)
-
-
-def _normalise(values: list[float]) -> tuple[float, ...]:
-    mean = sum(values) / len(values)
-    return tuple(v / mean for v in values) if mean else tuple(values)
-
-
-def border_factors(net: Network) -> dict[str, tuple[float, float, float]]:
-    """Per window op: exact/position-averaged ratio of its forward moment, its backward
-    moment and its weight-gradient moment, from per-axis position profiles of the moments.
-
-    A padded window gives border outputs fewer taps, so moments vary across positions; the
-    next window op then sums more of the interior than the average. Profiles (mean 1) are
-    pushed through every window op exactly; where several inputs or consumers meet they are
-    averaged with equal weight (an approximation).
-    """
-    def flat(node: Node) -> Profile:
-        return ((1.0,) * int(node.shape.h), (1.0,) * int(node.shape.w))
-
-    def pairs(node: Node, d: int) -> list[tuple[int, int]]:
-        a, x = node.attrs, node.in_shapes[0]
-        k, s, p = int(a["kernel"][d]), int(a["stride"][d]), int(a["padding"][d])
-        size, out = int((x.h, x.w)[d]), int((node.shape.h, node.shape.w)[d])
-        return [(o, s * o - p + t) for o in range(out) for t in range(k) if 0 <= s * o - p + t < size]
-
-    fwd: dict[str, Profile] = {}
-    seen_in: dict[str, Profile] = {}
-    factors: dict[str, list[float]] = {}
-    for node in net.nodes:
-        if not node.shape.spatial:
-            continue
-        ins = [fwd[s] for s in node.inputs if s in fwd]
-        if node.op in WINDOWS:
-            seen_in[node.name] = ins[0] if ins else flat(net.node(node.inputs[0]))
-            fwd[node.name], factor = _through(node, seen_in[node.name], False, pairs)
-            factors[node.name] = [factor, 1.0, 1.0]
-        else:
-            fwd[node.name] = _mix(ins) if ins else flat(node)
-    grads: dict[str, list[Profile]] = {}
-    for node in reversed(net.nodes[1:]):
-        if not node.shape.spatial:
-            continue
-        mine = grads.get(node.name)
-        prof = _mix(mine) if mine else flat(node)
-        sent = prof
-        if node.op in WINDOWS:
-            sent, factors[node.name][1] = _through(node, prof, True, pairs)
-            factors[node.name][2] = math.prod(
-                sum(prof[d][o] * seen_in[node.name][d][i] for o, i in pairs(node, d)) / len(pairs(node, d))
-                for d in (0, 1))
-        for src in node.inputs:
-            if net.node(src).shape.spatial:
-                grads.setdefault(src, []).append(sent)
-    return {name: (f, b, w) for name, (f, b, w) in factors.items()}
-
-
-def _through(node: Node, prof: Profile, backward: bool, pairs: Callable[[Node, int], list[tuple[int, int]]],
-             ) -> tuple[Profile, float]:
-    x = node.in_shapes[0]
-    sizes = [(int(x.h), int(node.shape.h)), (int(x.w), int(node.shape.w))]
-    axes = [_window_1d(prof[d], pairs(node, d), sizes[d][0] if backward else sizes[d][1], backward)
-            for d in (0, 1)]
-    return (axes[0][0], axes[1][0]), axes[0][1] * axes[1][1]
-
-
-def _mix(profiles: list[Profile]) -> Profile:
-    if len(profiles) == 1:
-        return profiles[0]
-    return tuple(_normalise([sum(p[d][i] for p in profiles) for i in range(len(profiles[0][d]))])
-                 for d in (0, 1))  # type: ignore[return-value]
 
 
 def _uncorrelated_gradients(net: Network) -> dict[str, bool]:

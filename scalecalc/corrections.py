@@ -29,7 +29,7 @@ from types import MappingProxyType
 import networkx as nx
 
 from scalecalc import expr
-from scalecalc.assumptions import border_factors
+from scalecalc.borders import border_factors
 from scalecalc.errors import ScalecalcError
 from scalecalc.exact import EXACT
 from scalecalc.graph import Network, Node

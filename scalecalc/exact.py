@@ -21,12 +21,14 @@ from scalecalc import expr
 from scalecalc.activations import ACTIVATIONS, shortcut_law, sum_moments
 from scalecalc.gaussian import max_m2, max_mean, rectified_max
 from scalecalc.graph import Node
-from scalecalc.rules import BN_EPS, RULES
+from scalecalc.normalise import NORMALISE, conv_offsets
+from scalecalc.rules import RULES
 from scalecalc.state import (
     ExactRule,
     M,
     State,
     add_weights,
+    despread,
     groups,
     is_zero,
     joined,
@@ -87,8 +89,12 @@ def _conv_forward(node: Node, xs: Sequence[State]) -> State:
     x = xs[0]
     m = RULES["conv"].forward(node, [x.m])
     source = _near(x) if node.attrs["stride"] == (1, 1) else x.k
-    return State(m, ratio(m, x.m) * x.k * _shared_taps(node, node.shape.positions),
-                 near=ratio(m, x.m) * source * node.attrs["near"], dof=_dof(node))
+    factor = ratio(m, x.m)
+    k = factor * x.k * _shared_taps(node, node.shape.positions)
+    shared = factor * (x.k if x.shared is None else x.shared)  # one position: every tap it reads
+    offsets = None if node.shape.positions == 1 else conv_offsets(node, x, m, factor)
+    return State(m, k, near=factor * source * node.attrs["near"], dof=_dof(node),
+                 shared=None if offsets is None else shared, offsets=offsets)
 
 
 def _dof(node: Node) -> M:
@@ -98,6 +104,7 @@ def _dof(node: Node) -> M:
 
 def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
     """g as in Eq. 10 (exact taps);  gk' = gk·(g'/g)·shared (input pairs, ``_shared_taps``)."""
+    dy = despread(dy)
     g = RULES["conv"].backward(node, [xs[0].m], dy.m)[0]
     return (_summed(node, State(g, ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)),
                     dy, ratio(g, dy.m)),)
@@ -137,6 +144,7 @@ def _vector_out(op: str) -> ExactRule:
         return State(m, ratio(m, xs[0].m) * xs[0].k, dof=node.attrs["n_in"])
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
+        dy = despread(dy)
         g = rule.backward(node, [xs[0].m], dy.m)[0]
         return (State(g, 0, batch=ratio(g, dy.m) * dy.batch),)
 
@@ -307,70 +315,7 @@ def _symbolic_ratio(x: State) -> bool:
 EXACT["maxpool"] = ExactRule(_maxpool_forward, _maxpool_backward, "maxpool: Gaussian order statistics (approximate)")
 
 
-# --- normalisation -----------------------------------------------------------------------
-
-
-def _batchnorm_forward(node: Node, xs: Sequence[State]) -> State:
-    """Train-mode BN removes each channel's mean over batch and positions — the shared offset
-    with it: m' = (m−k)/(m−k+ε), k' = 0; with the training batch B given, the B·P normalised
-    values of a channel sum to zero, so two of them have covariance k' = −m'/(B·P − 1)."""
-    v, b = xs[0].m - xs[0].k, node.attrs.get("batch")
-    m = v / (v + BN_EPS)
-    return State(m, 0 if b is None else -m / (b * node.shape.positions - 1))
-
-
-def sampled_variance(values: M) -> M:
-    """E[1/σ̂²]·σ² for a variance taken over ``values`` = M samples, times what the projection
-    on ŷ leaves of the gradient relative to the mean's removal: M/(M−3)·(M−2)/(M−1)."""
-    return values * (values - 2) / ((values - 3) * (values - 1))
-
-
-def variance_spread(node: Node, x: State) -> M:
-    """E[1/σ̂_c²]·E[σ_c²] of a batchnorm reading x: ν/(ν−2) for the weights per unit, and with
-    its training batch given, ``sampled_variance`` of the B·P values of a channel."""
-    nu, values = x.dof, node.attrs.get("batch")
-    spread = 1 if nu is None or (not expr.is_symbolic(nu) and nu <= 2) else nu / (nu - 2)
-    if values is not None:
-        values = values * node.shape.positions
-        if not expr.is_symbolic(values) and values > 3:
-            spread = spread * sampled_variance(values)
-    return spread
-
-
-def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
-    """g' = g/(v+ε), gk' = gk/(v+ε), and the gradient below sums to zero per channel.
-
-    Train-mode BN's gradient is (Δy − mean(Δy) − ŷ·mean(Δy·ŷ))/σ, means over the batch and the
-    positions of a channel. The first removes E[(ΣΔy)²]/(B·P)² = S/(B·P) from g and gk
-    (S = g + (P−1)·gk + batch): under a pooling below that is the batch mean, 1/B, of the
-    per-sample shared gradient gk, which otherwise is kept. With no ``batch`` given (the
-    training batch B) that term is left out, and so is the projection term, ≈ g/(B·P).
-    Dividing by σ_c, which varies across channels, gives E[1/σ_c²] > 1/E[σ_c²]: by ν/(ν−2)
-    when BN reads a conv or linear layer with ν weights per unit and iid inputs (more when the
-    inputs are correlated or non-uniform; not modelled). With B given, σ̂_c² is also a sample
-    variance of M = B·P values, σ_c²·χ²_{M−1}/M, so E[1/σ̂²] = M/(M−3)·1/σ_c², and the
-    projection on ŷ removes another 1/M of the gradient: × M/(M−3)·(M−2)/(M−1) (+0.8% at
-    M = 256, +15% at M = 16).
-    """
-    x, p, b = xs[0], node.shape.positions, node.attrs.get("batch")
-    v = (x.m - x.k + BN_EPS) / variance_spread(node, x)
-    mean = 0 if b is None else (dy.m + (p - 1) * dy.k + dy.batch) / (b * p)  # E[M²], M the batch mean of Δy
-    g, gk = (dy.m - mean) / v, (dy.k - mean) / v
-    return (State(g, gk, batch=-(g + (p - 1) * gk)),)
-
-
-EXACT["batchnorm"] = ExactRule(
-    _batchnorm_forward,
-    _batchnorm_backward,
-    "batchnorm: E[1/σ_c²] for iid inputs and a sample variance over the batch (approximate)",
-)
-EXACT["layernorm"] = ExactRule(
-    lambda node, xs: State(xs[0].m / (xs[0].m + BN_EPS), xs[0].k / (xs[0].m + BN_EPS)),
-    lambda node, xs, dy: (State(dy.m / (xs[0].m + BN_EPS), dy.k / (xs[0].m + BN_EPS)),),
-    "layernorm: per-channel offsets average out over many channels (approximate)",
-)
-
-
+EXACT.update(NORMALISE)
 EXACT.update(ACTIVATIONS)
 
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from scalecalc import expr
-from scalecalc.assumptions import Checks, border_factors, check
+from scalecalc.assumptions import Checks, check
+from scalecalc.borders import border_factors
 from scalecalc.errors import ScalecalcError
 from scalecalc.exact import EXACT, bias_grad_m2, mask_grad_m2, weight_grad_m2
 from scalecalc.graph import Network, Node
+from scalecalc.normalise import profile_weights
 from scalecalc.rules import RULES, Rule
 from scalecalc.state import State, added, bordered, is_zero
 
@@ -90,8 +92,7 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
         raise ScalecalcError(f"unknown calculus {calculus!r}; known: {', '.join(CALCULI)}")
     tidy = _simplifier(net)
     exact = calculus == "exact"
-    border = _borders(net, exact)
-    fwd, bwd, sent, spatial = _states(net, exact, tidy, border)
+    border, fwd, bwd, sent, spatial = _states(net, exact, tidy)
     checks = check(net, calculus)
     results, changes = [], []
     masks = _masks(net, bwd) if exact else {}
@@ -109,23 +110,26 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
 def states(net: Network) -> tuple[dict[str, State], dict[str, State]]:
     """The exact calculus' full state of every node, forward and backward (for diagnostics:
     the shared parts k and gk, means, groups, batch coupling)."""
-    fwd, bwd, _, _ = _states(net, True, _simplifier(net), _borders(net, True))
+    _, fwd, bwd, _, _ = _states(net, True, _simplifier(net))
     return fwd, bwd
 
 
-def _borders(net: Network, exact: bool) -> dict[str, tuple[float, float, float]]:
-    return border_factors(net) if exact and not net.symbols else {}
+Borders = dict[str, tuple[float, float, float]]
 
 
-def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[float, float, float]],
-            ) -> tuple[dict[str, State], dict[str, State], dict[str, tuple[State, ...]], Kernel | None]:
+def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, State], dict[str, State],
+                                                          dict[str, tuple[State, ...]], Kernel | None]:
     forward = {op: r.forward for op, r in EXACT.items()} if exact else {op: _lift(r) for op, r in RULES.items()}
     backward = {op: r.backward for op, r in EXACT.items()} if exact else {op: _lift_back(r) for op, r in RULES.items()}
-    fwd: dict[str, State] = {"input": State(net.input_m2, 0)}
-    for node in net.nodes[1:]:
-        out = forward[node.op](node, [fwd[s] for s in node.inputs])
-        out = bordered(out, border.get(node.name, (1, 1, 1))[0])
-        fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
+    border = border_factors(net) if exact and not net.symbols else {}
+    fwd = _forward(net, forward, tidy, border)
+    # a batchnorm keeps offsets that vary over positions; the profile they give the moments
+    # below it needs the forward moments, so where there are any the forward pass runs again
+    offsets = {node.name: w for node in net.nodes if node.op == "batchnorm" and border and net.node(
+        node.inputs[0]).op == "conv" and (w := profile_weights(node, fwd[node.inputs[0]])) is not None}
+    if offsets:
+        border = border_factors(net, offsets)
+        fwd = _forward(net, forward, tidy, border)
     # where the maps are small, the pair structure of the gradient comes from the spatial kernel
     spatial = None
     if exact and not net.symbols:
@@ -148,7 +152,16 @@ def _states(net: Network, exact: bool, tidy: Any, border: Mapping[str, tuple[flo
         for src, grad in zip(node.inputs, sent[node.name]):
             bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
     bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))
-    return fwd, bwd, sent, spatial
+    return border, fwd, bwd, sent, spatial
+
+
+def _forward(net: Network, forward: Mapping[str, Any], tidy: Any, border: Borders) -> dict[str, State]:
+    fwd: dict[str, State] = {"input": State(net.input_m2, 0)}
+    for node in net.nodes[1:]:
+        out = forward[node.op](node, [fwd[s] for s in node.inputs])
+        out = bordered(out, border.get(node.name, (1, 1, 1))[0])
+        fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
+    return fwd
 
 
 def _held_gradient(s: State, m: float | None, ratio: float) -> State:

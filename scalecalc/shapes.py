@@ -72,6 +72,44 @@ def _axis_sums(size: int, k: int, s: int, p: int, out: int) -> tuple[int, int, i
             sum(r[i] and r[i + 1] for r in real for i in range(out - 1)))
 
 
+def offset_traces(h: tuple[Any, ...], w: tuple[Any, ...]) -> tuple[float, float, float] | None:
+    """Traces of a conv's maps of sample-shared offsets, for the spread of what a batchnorm keeps.
+
+    With N(p, q) the taps real for both outputs p and q, D = diag N and Π = I − 11ᵀ/P the
+    centring over positions, returns tr(ΠNΠN), tr(ΠNΠD) and tr(ΠDΠD), each over P². Both
+    maps are Kronecker products over the axes, so with tr(ΠXΠY) = tr XY − 2·1ᵀXY1/P +
+    1ᵀX1·1ᵀY1/P² every term is a product of one-axis sums. None for symbolic sizes or P = 1.
+    """
+    if any(expr.is_symbolic(v) for v in (*h, *w)):
+        return None
+    axes = [_axis_traces(*(int(v) for v in a)) for a in (h, w)]
+    positions = axes[0]["P"] * axes[1]["P"]
+    if positions == 1:
+        return None
+
+    def term(x: str, y: str) -> float:
+        t = [a[f"tr{x}{y}"] for a in axes]
+        s = [a[f"s{x}{y}"] for a in axes]
+        ones = [a[f"s{x}"] * b[f"s{y}"] for a, b in ((axes[0], axes[0]), (axes[1], axes[1]))]
+        return (t[0] * t[1] - 2 * s[0] * s[1] / positions + ones[0] * ones[1] / positions**2) / positions**2
+
+    return term("N", "N"), term("N", "D"), term("D", "D")
+
+
+def _axis_traces(size: int, k: int, s: int, p: int, out: int) -> dict[str, float]:
+    """One axis: tr XY and 1ᵀXY1 for X, Y ∈ {N, D}, and 1ᵀX1, from the real-tap table V[o, a]
+    (N = V·Vᵀ, D = diag of the taps per output)."""
+    real = [[1 if 0 <= s * o - p + a < size else 0 for a in range(k)] for o in range(out)]
+    taps = [sum(r) for r in real]
+    cols = [sum(r[a] for r in real) for a in range(k)]
+    gram = [[sum(r[a] * r[b] for r in real) for b in range(k)] for a in range(k)]
+    n1 = [sum(r[a] * cols[a] for a in range(k)) for r in real]  # N·1
+    return {"P": out, "trNN": sum(g * g for row in gram for g in row), "trND": sum(t * t for t in taps),
+            "trDD": sum(t * t for t in taps), "sNN": sum(v * v for v in n1),
+            "sND": sum(v * t for v, t in zip(n1, taps)), "sDD": sum(t * t for t in taps),
+            "sN": sum(c * c for c in cols), "sD": sum(taps)}
+
+
 def _window(name: str, attrs: Mapping[str, Any], shape: Any) -> tuple[Any, dict[str, Any]]:
     from scalecalc.graph import Shape
 
@@ -90,6 +128,8 @@ def _window(name: str, attrs: Mapping[str, Any], shape: Any) -> tuple[Any, dict[
     pairs, near = _tap_pairs((shape.h, kh, sh, ph, out[0]), (shape.w, kw, sw, pw, out[1]), out[0] * out[1], taps)
     extra = {"stride": (sh, sw), "k2": kh * kw, "k": expr.sqrt(kh * kw), "taps": taps, "pairs": pairs,
              "near": near}
+    if name == "conv":
+        extra["offsets"] = offset_traces((shape.h, kh, sh, ph, out[0]), (shape.w, kw, sw, pw, out[1]))
     return Shape(shape.channels, out[0], out[1]), extra
 
 

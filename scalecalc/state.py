@@ -35,6 +35,11 @@ class State:
     gates: tuple[tuple[M, M, M, M], ...] = ()
     # backward, at an add's output read by a (leaky) ReLU: that ReLU's slope
     opened: M | None = None
+    # backward, at the input of a batchnorm reading a conv or linear layer: the part of
+    # E[1/σ_c²]·E[σ_c²] that comes from the layer's own weights, ν/(ν−2). The layer divides it
+    # out of what it sends on: a channel's large weights and its large variance go together,
+    # so E[W²/σ_c²] = E[W²]·E[1/σ_c²]·(ν−2)/ν (exact for ν exchangeable terms)
+    spread: M | None = None
     # forward, at an add's output: α·f(u) + w, a (leaky) ReLU output f(u) of slope a carried
     # by an identity shortcut plus Gaussian branches w: (α, a, u, E[w²], E[w_p·w_q])
     law: tuple[M, M, State, M, M] | None = None
@@ -52,6 +57,14 @@ class State:
     # unit. A channel's variance over the batch is then a sum of ν weighted squares, which
     # fluctuates across channels: E[1/σ_c²] = ν/(ν−2)·1/E[σ_c²] for iid inputs
     dof: M | None = None
+    # forward, on a map: E[x̄_p²], x̄_p the mean over samples at position p, averaged over
+    # positions, where it is not k: a padded conv's border outputs read fewer taps of the
+    # offset its input's samples share, and a batchnorm keeps how that varies over positions
+    shared: M | None = None
+    # forward, at a conv output: (α, β, V), its sample-shared covariance α·N + β·D over
+    # positions (N the taps real for both, D = diag N) and the variance V over channels of
+    # Q_c = (1/P)·Σ_p (x̄_p − x̄)², the offsets a batchnorm reading it keeps (``normalise``)
+    offsets: tuple[M, M, M] | None = None
 
 
 ExactForward = Callable[[Node, Sequence[State]], State]
@@ -63,6 +76,15 @@ class ExactRule:
     forward: ExactForward
     backward: ExactBackward
     note: str = ""
+
+
+def despread(dy: State) -> State:
+    """A weighted layer's output gradient with the batchnorm's spread of its own weights
+    divided out (``State.spread``), for the gradient it sends to its input."""
+    if dy.spread is None:
+        return dy
+    s = dy.spread
+    return replace(dy, m=dy.m / s, k=dy.k / s, batch=dy.batch / s, spread=None)
 
 
 def ratio(a: M, b: M) -> M:
@@ -77,6 +99,8 @@ def scaled(x: State, factor: M, rectified: bool = True) -> State:
     return State(factor * x.m, factor * x.k, near=near,
                  rectified=None if pre is None else (pre[0], scaled(pre[1], factor)),
                  mean=0 if is_zero(x.mean) else x.mean * root(factor), dof=x.dof,
+                 shared=None if x.shared is None else factor * x.shared,
+                 offsets=_offsets_scaled(x.offsets, factor),
                  parts=None if x.parts is None else tuple((n, scaled(p, factor, rectified)) for n, p in x.parts))
 
 
@@ -85,7 +109,13 @@ def bordered(x: State, factor: M) -> State:
     position average of m and k moves; the neighbour covariance, an interior quantity, does not."""
     parts = None if x.parts is None else tuple((n, bordered(p, factor)) for n, p in x.parts)
     gates = tuple((factor * m, factor * k, gm, gk) for m, k, gm, gk in x.gates)
-    return replace(x, m=factor * x.m, k=factor * x.k, parts=parts, gates=gates)
+    return replace(x, m=factor * x.m, k=factor * x.k, parts=parts, gates=gates,
+                   shared=None if x.shared is None else factor * x.shared,
+                   offsets=_offsets_scaled(x.offsets, factor))
+
+
+def _offsets_scaled(offsets: tuple[M, M, M] | None, factor: M) -> tuple[M, M, M] | None:
+    return None if offsets is None else (factor * offsets[0], factor * offsets[1], factor**2 * offsets[2])
 
 
 def is_zero(value: M) -> bool:

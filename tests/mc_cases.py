@@ -391,6 +391,37 @@ layers:
   - {name: relu, op: relu}
   - {name: conv2, op: conv, out: 256, kernel: 1}
 """, batch=4, draws=1024, seed=40, tol=0.03),
+    # A padded 3×3 conv on a 4×4 map: its border outputs read fewer taps of the ReLU mean, so
+    # each channel's offset varies over positions and BN keeps that variation (11% of σ²):
+    # σ² below m − k, offsets that spread the channels' σ², and a profile the next conv sees.
+    # Moments within 0.6%; c1's γ 3% high (the batch coupling's pairs weighed uniformly over
+    # positions, where the gradient has a border profile), hence 4%.
+    "batchnorm_kept_offsets": MCCase("""
+name: mc-bn-offsets
+input: {channels: 64, size: 4}
+layers:
+  - {name: c0, op: conv, out: 128, kernel: 1, bias: false}
+  - {name: r0, op: relu}
+  - {name: c1, op: conv, out: 128, kernel: 3, padding: 1, bias: false}
+  - {name: bn1, op: batchnorm, batch: 16}
+  - {name: r1, op: relu}
+  - {name: c2, op: conv, out: 128, kernel: 3, padding: 1, bias: false}
+  - {name: bn2, op: batchnorm, batch: 16}
+  - {name: r2, op: relu}
+  - {name: flat, op: flatten}
+  - {name: fc, op: linear, out: 256}
+""", batch=16, draws=128, seed=42, tol=0.04, batch_gradient=True),
+    # BN after a conv of 6 inputs: E[1/σ_c²] is ν/(ν−2) = 1.5× 1/E[σ_c²], but a channel's large
+    # weights are what make its σ_c² large, so the conv sends back only E[W²/σ_c²] ∝ 1/(ν·s).
+    "batchnorm_narrow_conv": MCCase("""
+name: mc-bn-narrow
+input: {channels: 6, size: 4}
+layers:
+  - {name: conv1, op: conv, out: 256, kernel: 1, bias: false}
+  - {name: bn, op: batchnorm, batch: 16}
+  - {name: relu, op: relu}
+  - {name: conv2, op: conv, out: 256, kernel: 1}
+""", batch=16, draws=256, seed=43, tol=0.03, batch_gradient=True),
     "batchnorm_pooled_gradient": MCCase("""
 name: mc-bn-pooled
 input: {channels: 128, size: 6}

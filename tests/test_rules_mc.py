@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from scalecalc import exact, kernel
+from scalecalc import exact, kernel, normalise
 from scalecalc.codegen import EMITTERS
 from scalecalc.exact import EXACT
 from scalecalc.graph import build
@@ -274,6 +274,21 @@ def _batchnorm_small_batch(net: Net, x: Tensor) -> Tensor:
     return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
 
 
+def _batchnorm_kept_offsets(net: Net, x: Tensor) -> Tensor:
+    h = net.node("r0", F.relu(net.conv("c0", x, 128, 1, bias=False)))
+    for i in (1, 2):
+        h = net.conv(f"c{i}", h, 128, 3, padding=1, bias=False)
+        h = net.node(f"bn{i}", F.batch_norm(h, None, None, *_affine(128), training=True, eps=1e-5))
+        h = net.node(f"r{i}", F.relu(h))
+    return net.linear("fc", net.node("flat", h.flatten(1)), 256)
+
+
+def _batchnorm_narrow_conv(net: Net, x: Tensor) -> Tensor:
+    h = net.conv("conv1", x, 256, 1, bias=False)
+    h = net.node("bn", F.batch_norm(h, None, None, *_affine(256), training=True, eps=1e-5))
+    return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
+
+
 def _maxpool_leaky_odd(net: Net, x: Tensor) -> Tensor:
     h = net.node("r1", F.leaky_relu(net.conv("c1", x, 128, 3, padding=1, bias=False), 0.2))
     h = net.conv("c2", net.node("p1", F.max_pool2d(h, 2)), 128, 3, padding=1, bias=False)
@@ -317,7 +332,8 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "small_map_pooled_gradient": _small_map_pooled_gradient,
     "padded_chain_pooled_gradient": _padded_chain_pooled_gradient, "relu_maxpool_pooled": _relu_maxpool_pooled,
     "maxpool_chain": _maxpool_chain, "maxpool_leaky_odd": _maxpool_leaky_odd,
-    "batchnorm_small_batch": _batchnorm_small_batch,
+    "batchnorm_small_batch": _batchnorm_small_batch, "batchnorm_kept_offsets": _batchnorm_kept_offsets,
+    "batchnorm_narrow_conv": _batchnorm_narrow_conv,
     "batchnorm_then_gelu": _batchnorm_then_gelu,
     "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "concat_then_batchnorm": _concat_then_batchnorm,
     "post_activation_shortcut": _post_activation_shortcut,
@@ -624,12 +640,35 @@ def test_simpler_rules_miss_batchnorm_combinations(monkeypatch: pytest.MonkeyPat
 def test_batch_sampled_variance_matters(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: a batchnorm that takes its σ̂² as the channel's exact variance (no
     sample-variance factor) passes about 13% too little gradient over 16 values per channel."""
-    monkeypatch.setattr(exact, "sampled_variance", lambda values: 1)
+    monkeypatch.setattr(normalise, "sampled_variance", lambda values: 1)
     found = [c for c in checks(analyse("batchnorm_small_batch", "exact"), measure("batchnorm_small_batch"))
              if c.quantity != "gamma_extrinsic"]
     assert max(c.rel_err for c in found) > 0.1
     with pytest.raises(AssertionError, match="rule predictions disagree"):
         assert_agrees(found, COMBO_CASES["batchnorm_small_batch"].tol or 0, None)
+
+
+def test_kept_offsets_matter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: without the offsets a batchnorm keeps over a 4×4 map (σ² taken as
+    m − k, the channels' σ² spread only by their weights, no profile), the gradient below the
+    two batchnorms comes out about 5% low and c2's E[x²] 2% high."""
+    monkeypatch.setattr(exact, "conv_offsets", lambda *args: None)
+    found = [c for c in checks(analyse("batchnorm_kept_offsets", "exact"), measure("batchnorm_kept_offsets"))
+             if c.quantity != "gamma_extrinsic"]
+    assert max(c.rel_err for c in found) > 0.045
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES["batchnorm_kept_offsets"].tol or 0, None)
+
+
+def test_own_weights_spread_matters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: a conv of 6 inputs under a batchnorm that sends back E[W²]·E[1/σ_c²]
+    (as if its weights and its channels' variances were independent) sends 50% too much."""
+    monkeypatch.setattr(exact, "despread", lambda dy: dy)
+    found = [c for c in checks(analyse("batchnorm_narrow_conv", "exact"), measure("batchnorm_narrow_conv"))
+             if c.quantity != "gamma_extrinsic"]
+    assert max(c.rel_err for c in found) > 0.4
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES["batchnorm_narrow_conv"].tol or 0, None)
 
 
 @pytest.mark.parametrize("name", ["padded_chain_pooled_gradient", "maxpool_chain"])
@@ -688,3 +727,14 @@ layers:
     brute = sum(real(p, t) and real(q, t) for p in positions for q in positions for t in taps)
     assert node.attrs["pairs"] == brute
     assert node.attrs["taps"] == sum(real(p, t) for p in positions for t in taps)
+    # the traces a batchnorm's kept offsets need: tr(ΠXΠY)/P² for X, Y ∈ {N, diag N}
+    common = torch.tensor([[sum(real(p, t) and real(q, t) for t in taps) for q in positions] for p in positions],
+                          dtype=F64)
+    if len(positions) == 1:
+        assert node.attrs["offsets"] is None
+        return
+    centre = torch.eye(len(positions), dtype=F64) - 1 / len(positions)
+    diag = torch.diag(torch.diagonal(common))
+    expected = [float(torch.trace(centre @ a @ centre @ b)) / len(positions) ** 2
+                for a, b in ((common, common), (common, diag), (diag, diag))]
+    assert node.attrs["offsets"] == pytest.approx(expected, rel=1e-12, abs=1e-12)
