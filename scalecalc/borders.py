@@ -130,7 +130,8 @@ def _mix(profiles: list[Profile]) -> Profile:
 
 
 def _kept_offsets(conv: Node, prof: Profile, weights: tuple[float, float, float]) -> Profile:
-    """The profile of a batchnorm's output: m·π − (2/P)·(α·N1 + β·D) + const, over σ²."""
+    """The profile of a batchnorm's output: the conv's profile π plus the change the kept
+    offsets make to it for an input uniform over positions, (m·τ − (2/P)·(α·N1 + β·D))/σ² + c − τ."""
     m, alpha, beta = weights
     a, x = conv.attrs, conv.in_shapes[0]
     axes = []
