@@ -3,9 +3,11 @@
 Forward, a node carries E[x²] = m, the covariance k of two positions of one channel (of two
 samples, for a vector; the calculus takes both equal, since with iid inputs every shared
 part comes from the weights), and where it matters the mean every element shares, the
-neighbour covariance, a ReLU's Gaussian input, a shortcut sum's law and a concat's groups of
-channels. Backward the same for the gradient, with the gates a ReLU below applies to parts
-of it and the coupling a train-mode batchnorm puts between the samples of a batch.
+neighbour covariance, a ReLU's Gaussian input, a shortcut sum's law, a concat's groups of
+channels and the offsets one position's samples share on a small padded map. Backward the
+same for the gradient, with the gates a ReLU below applies to parts of it, the coupling a
+train-mode batchnorm puts between the samples of a batch and the spread of its channels'
+variances that the layer below it divides out.
 """
 
 from __future__ import annotations
