@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping
 
 from scalecalc.graph import Network, Node
+from scalecalc.shapes import common_taps
 
 WINDOWS = frozenset({"conv", "avgpool", "maxpool"})
 Term = tuple[float, tuple[float, ...], tuple[float, ...]]
@@ -134,20 +135,16 @@ def _kept_offsets(conv: Node, prof: Profile, weights: tuple[float, float, float]
     offsets make to it for an input uniform over positions, (m·τ − (2/P)·(α·N1 + β·D))/σ² + c − τ."""
     m, alpha, beta = weights
     a, x = conv.attrs, conv.in_shapes[0]
-    axes = []
-    for d in (0, 1):
-        k, s, p = int(a["kernel"][d]), int(a["stride"][d]), int(a["padding"][d])
-        size, out = int((x.h, x.w)[d]), int((conv.shape.h, conv.shape.w)[d])
-        real = [[0 <= s * o - p + t < size for t in range(k)] for o in range(out)]
-        counts = [sum(r[t] for r in real) for t in range(k)]  # outputs whose tap t is real
-        axes.append(([float(sum(r)) for r in real], [float(sum(c for c, on in zip(counts, r) if on)) for r in real]))
-    (taps_h, n1_h), (taps_w, n1_w) = axes
+    (_, taps_h, n1_h), (_, taps_w, n1_w) = (
+        common_taps(int((x.h, x.w)[d]), int(a["kernel"][d]), int(a["stride"][d]), int(a["padding"][d]),
+                    int((conv.shape.h, conv.shape.w)[d])) for d in (0, 1))
     positions = len(taps_h) * len(taps_w)
     mean_taps = sum(taps_h) * sum(taps_w) / positions
     # the change from the profile without offsets, exact for an input uniform over positions:
     # there the conv's profile is its taps, D/mean(D); the change has mean 0
-    change: list[Term] = [((m - 1) / mean_taps - 2 * beta / positions, tuple(taps_h), tuple(taps_w)),
-                          (-2 * alpha / positions, tuple(n1_h), tuple(n1_w))]
+    change: list[Term] = [((m - 1) / mean_taps - 2 * beta / positions, tuple(map(float, taps_h)),
+                           tuple(map(float, taps_w))),
+                          (-2 * alpha / positions, tuple(map(float, n1_h)), tuple(map(float, n1_w)))]
     mean = sum(c * sum(h) / len(h) * sum(w) / len(w) for c, h, w in change)
     change.append((-mean, (1.0,) * len(taps_h), (1.0,) * len(taps_w)))
     return _normalised(list(prof) + change)

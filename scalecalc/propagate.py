@@ -125,8 +125,9 @@ def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, St
     fwd = _forward(net, forward, tidy, border)
     # a batchnorm keeps offsets that vary over positions; the profile they give the moments
     # below it needs the forward moments, so where there are any the forward pass runs again
-    offsets = {node.name: w for node in net.nodes if node.op == "batchnorm" and border and net.node(
-        node.inputs[0]).op == "conv" and (w := profile_weights(node, fwd[node.inputs[0]])) is not None}
+    offsets = {} if not border else {
+        node.name: w for node in net.nodes if node.op == "batchnorm" and net.node(node.inputs[0]).op == "conv"
+        and (w := profile_weights(node, fwd[node.inputs[0]])) is not None}
     if offsets:
         border = border_factors(net, offsets)
         fwd = _forward(net, forward, tidy, border)

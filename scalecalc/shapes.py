@@ -96,14 +96,20 @@ def offset_traces(h: tuple[Any, ...], w: tuple[Any, ...]) -> tuple[float, float,
     return term("N", "N"), term("N", "D"), term("D", "D")
 
 
+def common_taps(size: int, k: int, s: int, p: int, out: int) -> tuple[list[list[int]], list[int], list[int]]:
+    """One axis of a window: the real-tap table V[o, a] (tap a of output o reads real input),
+    the taps per output (the diagonal of N = V·Vᵀ, N(o, o') the taps real for both) and N·1."""
+    real = [[1 if 0 <= s * o - p + a < size else 0 for a in range(k)] for o in range(out)]
+    cols = [sum(r[a] for r in real) for a in range(k)]  # outputs whose tap a is real
+    return real, [sum(r) for r in real], [sum(r[a] * cols[a] for a in range(k)) for r in real]
+
+
 def _axis_traces(size: int, k: int, s: int, p: int, out: int) -> dict[str, float]:
     """One axis: tr XY and 1ᵀXY1 for X, Y ∈ {N, D}, and 1ᵀX1, from the real-tap table V[o, a]
     (N = V·Vᵀ, D = diag of the taps per output)."""
-    real = [[1 if 0 <= s * o - p + a < size else 0 for a in range(k)] for o in range(out)]
-    taps = [sum(r) for r in real]
+    real, taps, n1 = common_taps(size, k, s, p, out)
     cols = [sum(r[a] for r in real) for a in range(k)]
     gram = [[sum(r[a] * r[b] for r in real) for b in range(k)] for a in range(k)]
-    n1 = [sum(r[a] * cols[a] for a in range(k)) for r in real]  # N·1
     return {"P": out, "trNN": sum(g * g for row in gram for g in row), "trND": sum(t * t for t in taps),
             "trDD": sum(t * t for t in taps), "sNN": sum(v * v for v in n1),
             "sND": sum(v * t for v, t in zip(n1, taps)), "sDD": sum(t * t for t in taps),

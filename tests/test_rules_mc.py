@@ -193,7 +193,7 @@ def _affine(n: int) -> tuple[Tensor, Tensor]:
 
 def _batchnorm(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 32, 3, bias=False)
-    h = net.node("bn", F.batch_norm(h, None, None, *_affine(32), training=True, eps=1e-5))
+    h = _train_bn(net, "bn", h)
     h = net.node("relu", F.relu(h))
     return net.conv("conv2", h, 256, 1)
 
@@ -268,25 +268,27 @@ def _maxpool_chain(net: Net, x: Tensor) -> Tensor:
     return net.linear("fc", net.node("flat", net.node("p2", F.max_pool2d(h, 2)).flatten(1)), 256)
 
 
-def _batchnorm_small_batch(net: Net, x: Tensor) -> Tensor:
-    h = net.conv("conv1", x, 128, 1, bias=False)
-    h = net.node("bn", F.batch_norm(h, None, None, *_affine(128), training=True, eps=1e-5))
-    return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
+def _train_bn(net: Net, name: str, h: Tensor) -> Tensor:
+    return net.node(name, F.batch_norm(h, None, None, *_affine(h.shape[1]), training=True, eps=1e-5))
+
+
+def _conv_bn_relu_conv(width: int) -> Callable[[Net, Tensor], Tensor]:
+    """conv1 (1×1, ``width`` channels) → batchnorm → ReLU → conv2 (1×1, 256 channels)."""
+    def reference(net: Net, x: Tensor) -> Tensor:
+        h = _train_bn(net, "bn", net.conv("conv1", x, width, 1, bias=False))
+        return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
+
+    return reference
+
+
+_batchnorm_small_batch, _batchnorm_narrow_conv = _conv_bn_relu_conv(128), _conv_bn_relu_conv(256)
 
 
 def _batchnorm_kept_offsets(net: Net, x: Tensor) -> Tensor:
     h = net.node("r0", F.relu(net.conv("c0", x, 128, 1, bias=False)))
     for i in (1, 2):
-        h = net.conv(f"c{i}", h, 128, 3, padding=1, bias=False)
-        h = net.node(f"bn{i}", F.batch_norm(h, None, None, *_affine(128), training=True, eps=1e-5))
-        h = net.node(f"r{i}", F.relu(h))
+        h = net.node(f"r{i}", F.relu(_train_bn(net, f"bn{i}", net.conv(f"c{i}", h, 128, 3, padding=1, bias=False))))
     return net.linear("fc", net.node("flat", h.flatten(1)), 256)
-
-
-def _batchnorm_narrow_conv(net: Net, x: Tensor) -> Tensor:
-    h = net.conv("conv1", x, 256, 1, bias=False)
-    h = net.node("bn", F.batch_norm(h, None, None, *_affine(256), training=True, eps=1e-5))
-    return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
 
 
 def _maxpool_leaky_odd(net: Net, x: Tensor) -> Tensor:
@@ -297,7 +299,7 @@ def _maxpool_leaky_odd(net: Net, x: Tensor) -> Tensor:
 
 def _batchnorm_then_gelu(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 32, 3, bias=False)
-    h = net.node("bn", F.batch_norm(h, None, None, *_affine(32), training=True, eps=1e-5))
+    h = _train_bn(net, "bn", h)
     return net.conv("conv2", net.node("act", F.gelu(h)), 256, 1)
 
 
@@ -305,14 +307,14 @@ def _batchnorm_pooled_gradient(net: Net, x: Tensor) -> Tensor:
     h = net.node("relu1", F.relu(net.conv("conv1", x, 256, 1, bias=False)))
     h = net.node("relu2", F.relu(net.conv("conv2", h, 256, 1, bias=False)))
     h = net.conv("conv3", h, 64, 1, bias=False)
-    h = net.node("bn", F.batch_norm(h, None, None, *_affine(64), training=True, eps=1e-5))
+    h = _train_bn(net, "bn", h)
     return net.linear("fc", net.node("gap", h.mean((2, 3))), 256)
 
 
 def _concat_then_batchnorm(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 128, 1, bias=False)
     h = net.node("cat", torch.cat([h, net.conv("grow", h, 32, 1, bias=False)], dim=1))
-    h = net.node("bn", F.batch_norm(h, None, None, *_affine(160), training=True, eps=1e-5))
+    h = _train_bn(net, "bn", h)
     return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
 
 
