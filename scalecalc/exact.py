@@ -98,8 +98,11 @@ def _conv_forward(node: Node, xs: Sequence[State]) -> State:
 
 
 def _dof(node: Node) -> M:
-    """n·k² with the mean number of real taps: the weights that feed one output unit."""
-    return node.attrs["n_in"] * node.attrs["taps"] / node.shape.positions
+    """ν of a channel's variance over positions, Σ_t f_t·Σ_c W_ct²·E[x²], f_t the share of
+    outputs whose tap t is real: a weighted χ² whose variance is that of χ²_ν/ν with
+    ν = n·(Σf)²/Σf² = n·T²/S (T, S as in ``shapes._tap_pairs``); n·k² without padding.
+    """
+    return node.attrs["n_in"] * node.attrs["taps"] ** 2 / node.attrs["pairs"]
 
 
 def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:

@@ -32,6 +32,15 @@ def is_symbolic(value: Value) -> bool:
     return hasattr(value, "free_symbols") and bool(value.free_symbols)
 
 
+def short(value: Value) -> str:
+    """A moment for people: 4 significant digits, also for the numeric coefficients of a formula."""
+    if not is_symbolic(value):
+        return f"{float(value):.4g}"
+    import sympy
+
+    return str(value.xreplace({f: sympy.Float(f"{float(f):.4g}") for f in value.atoms(sympy.Float)}))
+
+
 def _sympy(value: Value) -> bool:
     return type(value).__module__.startswith("sympy")
 

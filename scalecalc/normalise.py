@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from scalecalc import expr
 from scalecalc.graph import Node
-from scalecalc.rules import BN_EPS
+from scalecalc.rules import plus_eps
 from scalecalc.state import ExactRule, M, State, is_zero
 
 NORMALISE: dict[str, ExactRule] = {}
@@ -90,10 +90,11 @@ def variance_spread(node: Node, x: State, own: bool = False) -> M:
     if x.offsets is None or expr.is_symbolic(v):
         spread: M = nu / (nu - 2)
     else:
-        cv2 = 2 / float(nu) * ((float(v) - q) / float(v)) ** 2
+        cv2 = 2 / nu * ((float(v) - q) / float(v)) ** 2
         if not own:
             cv2 += float(x.offsets[2]) / float(v) ** 2
-        spread = 1 / (1 - cv2) if cv2 < 1 else 1  # CV ≥ 1: E[1/σ²] unbounded, left out as for ν ≤ 2
+        # CV ≥ 1: E[1/σ²] unbounded, left out as for ν ≤ 2
+        spread = 1 / (1 - cv2) if expr.is_symbolic(cv2) or cv2 < 1 else 1
     if own:
         return spread
     if values is not None:
@@ -114,10 +115,10 @@ def _batchnorm_forward(node: Node, xs: Sequence[State]) -> State:
     """
     x, p, b = xs[0], node.shape.positions, node.attrs.get("batch")
     v, offsets = channel_variance(node, x)
-    m = v / (v + BN_EPS)
+    m = v / plus_eps(v)
     if is_zero(offsets):
         return State(m, 0 if b is None else -m / (b * p - 1))
-    q = offsets / (v + BN_EPS)
+    q = offsets / plus_eps(v)
     if b is None:
         return State(m, -q / (p - 1), shared=q)
     return State(m, -m / (b * p - 1) - (b - 1) * q / (b * (p - 1)), shared=q - m / (b * p - 1))
@@ -137,7 +138,7 @@ def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[
     of the gradient: × M/(M−3)·(M−2)/(M−1) (+0.8% at M = 256, +15% at M = 16).
     """
     x, p, b = xs[0], node.shape.positions, node.attrs.get("batch")
-    v = (channel_variance(node, x)[0] + BN_EPS) / variance_spread(node, x)
+    v = plus_eps(channel_variance(node, x)[0]) / variance_spread(node, x)
     mean = 0 if b is None else (dy.m + (p - 1) * dy.k + dy.batch) / (b * p)  # E[M²], M the batch mean of Δy
     g, gk = (dy.m - mean) / v, (dy.k - mean) / v
     own = variance_spread(node, x, own=True)
@@ -150,7 +151,7 @@ NORMALISE["batchnorm"] = ExactRule(
     "batchnorm: the offsets it keeps over positions, E[1/σ_c²] and a sample variance over the batch (approximate)",
 )
 NORMALISE["layernorm"] = ExactRule(
-    lambda node, xs: State(xs[0].m / (xs[0].m + BN_EPS), xs[0].k / (xs[0].m + BN_EPS)),
-    lambda node, xs, dy: (State(dy.m / (xs[0].m + BN_EPS), dy.k / (xs[0].m + BN_EPS)),),
+    lambda node, xs: State(xs[0].m / plus_eps(xs[0].m), xs[0].k / plus_eps(xs[0].m)),
+    lambda node, xs, dy: (State(dy.m / plus_eps(xs[0].m), dy.k / plus_eps(xs[0].m)),),
     "layernorm: per-channel offsets average out over many channels (approximate)",
 )

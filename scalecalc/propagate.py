@@ -19,8 +19,8 @@ from scalecalc.errors import ScalecalcError
 from scalecalc.exact import EXACT, bias_grad_m2, mask_grad_m2, weight_grad_m2
 from scalecalc.graph import Network, Node
 from scalecalc.normalise import profile_weights
-from scalecalc.rules import RULES, Rule
-from scalecalc.state import State, added, bordered, is_zero
+from scalecalc.rules import BN_EPS, RULES, Rule
+from scalecalc.state import State, added, bordered, is_zero, ratio
 
 if TYPE_CHECKING:
     from scalecalc.kernel import Kernel
@@ -69,6 +69,7 @@ CALCULI = ("exact", "paper")
 LIMIT = 1e150  # a moment this far from 1 has vanished or exploded; products must stay finite
 VARSIGMA_TOLERANCE = 0.02  # exact calculus: smaller ς drifts (border taps) are not reported as changes
 PAIR_SHARE = 0.1  # γ is trusted as exact only while pair terms stay below this share of E[ΔW²]
+TIDY_OPS = 200  # larger symbolic moments are left as built: simplifying them costs more than it shows
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, St
     sent: dict[str, tuple[State, ...]] = {}
     for node in reversed(net.nodes[1:]):
         g = bwd[node.name]
-        bwd[node.name] = g = replace(g, m=_finite(tidy(g.m), node, "E[Δx²]"))
+        bwd[node.name] = g = _tidied(g, tidy, net, node, "E[Δx²]")
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
         if spatial is not None and node.name in spatial.sent:
@@ -161,8 +162,18 @@ def _forward(net: Network, forward: Mapping[str, Any], tidy: Any, border: Border
     for node in net.nodes[1:]:
         out = forward[node.op](node, [fwd[s] for s in node.inputs])
         out = bordered(out, border.get(node.name, (1, 1, 1))[0])
-        fwd[node.name] = replace(out, m=_finite(tidy(out.m), node, "E[x²]"))
+        fwd[node.name] = _tidied(out, tidy, net, node, "E[x²]")
     return fwd
+
+
+def _tidied(s: State, tidy: Any, net: Network, node: Node, what: str) -> State:
+    """s with m simplified and checked. With symbols, k, shared and batch become multiples
+    of that m, so that a ratio such as ρ = k/m stays a number where it is one."""
+    m = _finite(tidy(s.m), node, what)
+    if not net.symbols:
+        return replace(s, m=m)
+    part = lambda v: v if v is None or is_zero(v) else tidy(ratio(v, s.m)) * m  # noqa: E731
+    return replace(s, m=m, k=part(s.k), shared=part(s.shared), batch=part(s.batch))
 
 
 def _held_gradient(s: State, m: float | None, ratio: float) -> State:
@@ -220,6 +231,8 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
     if node.op in ("relu", "leaky_relu") and expr.is_symbolic(mean):  # no closed form: flagged, not exact
         note = f"{node.op}: input has a mean (a ReLU on an identity path); symbolic mode takes it as centred"
         notes.append(note)
+    if node.op in ("batchnorm", "layernorm") and expr.is_symbolic(xs[0]):
+        notes.append(f"{node.op}: σ² is symbolic and taken as ≫ ε = {BN_EPS:g} (numbers with --set keep ε)")
     weight_m2 = gamma = gamma_ext = gamma_bias = None
     gamma_exact = True
     a = node.attrs
@@ -272,7 +285,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         elif reason.startswith("keeps"):  # Table 1 says it keeps ς: what the paper's model leaves out
             reason = "position effects the paper's model leaves out (means kept by pooling, border taps)"
         change = VarsigmaChange(node.name, node.op, ratio, reason)
-        notes.append(f"ς ×{_short(ratio)}: {reason}")
+        notes.append(f"ς ×{expr.short(ratio)}: {reason}")
     result = NodeResult(node.name, node.op, node.inputs, str(node.shape), y, dy, varsigma,
                         weight_m2, gamma, gamma_ext, gamma_bias,
                         not note and checks.holds(node.name) and gamma_exact, tuple(notes), gamma_exact)
@@ -312,10 +325,6 @@ def _is_one(value: M, tolerance: float) -> bool:
     return abs(float(value) - 1) < tolerance
 
 
-def _short(value: M) -> str:
-    return f"{float(value):.4g}" if not expr.is_symbolic(value) else str(value)
-
-
 def _simplifier(net: Network) -> Any:
     if not net.symbols:
         return lambda v: v
@@ -325,6 +334,10 @@ def _simplifier(net: Network) -> Any:
         value = sympy.sympify(value)
         if not value.free_symbols:  # a number: keep it exact, nothing to simplify
             return value
+        if sympy.count_ops(value) > TIDY_OPS:  # cancel() would multiply out nested denominators
+            return value
+        if value.has(sympy.Float):  # a numeric rule's coefficients: cancel() over floats is slow, and no tidier
+            return sympy.powsimp(sympy.factor_terms(value), force=True)
         return sympy.powsimp(sympy.factor_terms(sympy.cancel(value)), force=True)
 
     return tidy

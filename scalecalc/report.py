@@ -35,11 +35,7 @@ def value(v: Any) -> Any:
 
 
 def fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if expr.is_symbolic(v):
-        return str(v)
-    return f"{float(v):.4g}"
+    return "–" if v is None else expr.short(v)
 
 
 def to_dict(analysis: Analysis) -> dict[str, Any]:
@@ -83,8 +79,9 @@ def table(analysis: Analysis) -> Table:
               title_justify="left")
     for col in ("node", "op", "shape", "E[x²]", "E[Δx²]", "ς", "γ", "γ_b", "notes"):
         left = col in ("node", "op", "notes", "shape")
+        # names stay whole; long formulas (symbolic mode) fold within their column
         t.add_column(Text(col), justify="left" if left else "right", overflow="fold",
-                     no_wrap=col != "notes")
+                     no_wrap=col in ("node", "op", "shape"))
     for r in analysis.nodes:
         cells = (r.name, r.op, r.shape, fmt(r.forward_m2), fmt(r.backward_m2), fmt(r.varsigma),
                  fmt(r.gamma), fmt(r.gamma_bias), "; ".join(r.notes))

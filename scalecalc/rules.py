@@ -239,6 +239,12 @@ class MaxPool:
 BN_EPS = 1e-5
 
 
+def plus_eps(variance: M) -> M:
+    """σ² + ε of a normalisation; a symbolic σ² is taken as ≫ ε, since σ²/(σ² + ε) would
+    otherwise carry ε into every formula above it (relative effect ε/σ²)."""
+    return variance if expr.is_symbolic(variance) else variance + BN_EPS
+
+
 class _Norm:
     """E[y²] = E[x²]/(E[x²] + ε),   E[Δx²] = E[Δy²]/(E[x²] + ε)   (unit affine weight at init).
 
@@ -248,9 +254,9 @@ class _Norm:
 
     @staticmethod
     def forward(node: Node, xs: Sequence[M]) -> M:
-        return xs[0] / (xs[0] + BN_EPS)
+        return xs[0] / plus_eps(xs[0])
 
-    backward = staticmethod(lambda node, xs, dy: (dy / (xs[0] + BN_EPS),))
+    backward = staticmethod(lambda node, xs, dy: (dy / plus_eps(xs[0]),))
 
 
 for _op in ("batchnorm", "layernorm"):

@@ -422,6 +422,18 @@ layers:
   - {name: relu, op: relu}
   - {name: conv2, op: conv, out: 256, kernel: 1}
 """, batch=16, draws=256, seed=43, tol=0.03, batch_gradient=True),
+    # A 1×1 conv with padding 1: its border outputs read only padding and are 0, so a channel's
+    # variance over positions is 25/49 of the interior's but still a χ² of the conv's 6 weights,
+    # not of 6·25/49 (the mean taps of an output): E[1/σ_c²] is 6/4 of 1/E[σ_c²], not 3/1.
+    "batchnorm_padded_border": MCCase("""
+name: mc-bn-padded-border
+input: {channels: 6, size: 5}
+layers:
+  - {name: conv1, op: conv, out: 256, kernel: 1, padding: 1, bias: false}
+  - {name: bn, op: batchnorm, batch: 16}
+  - {name: relu, op: relu}
+  - {name: conv2, op: conv, out: 256, kernel: 1}
+""", batch=16, draws=256, seed=44, tol=0.03, batch_gradient=True),
     "batchnorm_pooled_gradient": MCCase("""
 name: mc-bn-pooled
 input: {channels: 128, size: 6}

@@ -272,16 +272,17 @@ def _train_bn(net: Net, name: str, h: Tensor) -> Tensor:
     return net.node(name, F.batch_norm(h, None, None, *_affine(h.shape[1]), training=True, eps=1e-5))
 
 
-def _conv_bn_relu_conv(width: int) -> Callable[[Net, Tensor], Tensor]:
+def _conv_bn_relu_conv(width: int, padding: int = 0) -> Callable[[Net, Tensor], Tensor]:
     """conv1 (1×1, ``width`` channels) → batchnorm → ReLU → conv2 (1×1, 256 channels)."""
     def reference(net: Net, x: Tensor) -> Tensor:
-        h = _train_bn(net, "bn", net.conv("conv1", x, width, 1, bias=False))
+        h = _train_bn(net, "bn", net.conv("conv1", x, width, 1, padding=padding, bias=False))
         return net.conv("conv2", net.node("relu", F.relu(h)), 256, 1)
 
     return reference
 
 
 _batchnorm_small_batch, _batchnorm_narrow_conv = _conv_bn_relu_conv(128), _conv_bn_relu_conv(256)
+_batchnorm_padded_border = _conv_bn_relu_conv(256, padding=1)
 
 
 def _batchnorm_kept_offsets(net: Net, x: Tensor) -> Tensor:
@@ -335,7 +336,7 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "padded_chain_pooled_gradient": _padded_chain_pooled_gradient, "relu_maxpool_pooled": _relu_maxpool_pooled,
     "maxpool_chain": _maxpool_chain, "maxpool_leaky_odd": _maxpool_leaky_odd,
     "batchnorm_small_batch": _batchnorm_small_batch, "batchnorm_kept_offsets": _batchnorm_kept_offsets,
-    "batchnorm_narrow_conv": _batchnorm_narrow_conv,
+    "batchnorm_narrow_conv": _batchnorm_narrow_conv, "batchnorm_padded_border": _batchnorm_padded_border,
     "batchnorm_then_gelu": _batchnorm_then_gelu,
     "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "concat_then_batchnorm": _concat_then_batchnorm,
     "post_activation_shortcut": _post_activation_shortcut,
@@ -671,6 +672,18 @@ def test_own_weights_spread_matters(monkeypatch: pytest.MonkeyPatch) -> None:
     assert max(c.rel_err for c in found) > 0.4
     with pytest.raises(AssertionError, match="rule predictions disagree"):
         assert_agrees(found, COMBO_CASES["batchnorm_narrow_conv"].tol or 0, None)
+
+
+def test_padded_border_degrees_of_freedom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: counting a channel's χ² by the mean taps of an output (6·25/49 for a
+    1×1 conv with padding 1 on 5×5) instead of by the weights it sums (6) spreads σ_c² more
+    than it is, and the conv's gradient comes out about 2× too large."""
+    monkeypatch.setattr(exact, "_dof", lambda node: node.attrs["n_in"] * node.attrs["taps"] / node.shape.positions)
+    found = [c for c in checks(analyse("batchnorm_padded_border", "exact"), measure("batchnorm_padded_border"))
+             if c.quantity != "gamma_extrinsic"]
+    assert max(c.rel_err for c in found) > 0.4
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES["batchnorm_padded_border"].tol or 0, None)
 
 
 @pytest.mark.parametrize("name", ["padded_chain_pooled_gradient", "maxpool_chain"])

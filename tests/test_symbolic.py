@@ -382,3 +382,42 @@ def test_relu_after_shortcut_is_flagged_in_symbolic_mode() -> None:
     # with numbers the mean is integrated: more than half of E[x²] passes
     assert float(numeric["relu2"].forward_m2) > 0.5 * float(numeric["merge"].forward_m2) * 1.1
     assert any("has a mean" in c.reason for c in numeric.summary.varsigma_changes if c.node == "relu2")
+
+
+BN_CHAIN = """
+name: bn-chain-1x1
+input: {channels: 16, size: 6}
+params: {w: 64}
+blocks:
+  unit:
+    layers:
+      - {name: conv, op: conv, out: w, kernel: 1, bias: false}
+      - {name: bn, op: batchnorm, batch: 16}
+      - {name: relu, op: relu}
+layers:
+  - {name: c0, op: conv, out: w, kernel: 1, bias: false}
+  - {name: r0, op: relu}
+  - {name: layer, block: unit, repeat: 3}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 10}
+"""
+
+
+def test_batchnorm_chain_symbolic_matches_numbers() -> None:
+    """Symbolic mode through three batchnorms (1×1 convs, so no border taps or kept offsets):
+    where σ² is symbolic its ε is left out, and the node says so. Substituting w must give the
+    numeric analysis up to ε/σ² ≈ 1e-5; with ε kept, σ²/(σ² + ε) reached every later ReLU's
+    arc-cosine and the formulas grew past what sympy simplifies in minutes."""
+    spec = parse(BN_CHAIN, "bn.yaml")
+    symbolic = propagate(build(spec, symbolic=("w",)))
+    assert any("≫ ε" in n for n in symbolic["layer.0.bn"].notes)
+    for width in (16, 128):
+        numeric = propagate(build(spec, {"w": width}))
+        for s, n in zip(symbolic.nodes, numeric.nodes):
+            for quantity in ("forward_m2", "backward_m2", "gamma"):
+                got, want = getattr(s, quantity), getattr(n, quantity)
+                if want is None:
+                    continue
+                got = sp.sympify(got)
+                value = float(got.subs({symbol: width for symbol in got.free_symbols}))
+                assert abs(value / float(want) - 1) < 1e-4, f"{s.name} {quantity} at w={width}: {value} vs {want}"
