@@ -79,7 +79,9 @@ def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
         rest = dy.m - sum(p[0] for p in dy.gates)
         g = (rest * (1 + a**2) / 2 if open2 is None else rest * open2) + sum(p[0] * p[2] for p in dy.gates)
         gk = (dy.k - sum(p[1] for p in dy.gates)) * both + sum(p[1] * p[3] for p in dy.gates)
-        return (State(g, gk, batch=dy.batch * both, opened=a if x.law is not None else None),)
+        # Δx·x = Δy·y for a (leaky) ReLU, so two positions' products covary by gk·k' above it
+        product = None if open2 is not None or dy.gates else dy.k * _arccos_kernel(x.m, x.k, a)
+        return (State(g, gk, batch=dy.batch * both, opened=a if x.law is not None else None, product=product),)
 
     return ExactRule(forward, backward)
 

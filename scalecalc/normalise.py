@@ -124,6 +124,16 @@ def _batchnorm_forward(node: Node, xs: Sequence[State]) -> State:
     return State(m, -m / (b * p - 1) - (b - 1) * q / (b * (p - 1)), shared=q - m / (b * p - 1))
 
 
+def projection(dy: State, positions: M, batch: M | None) -> M:
+    """What BN's projection on ŷ, c·ŷ with c = mean(Δy·ŷ) over the B·P values of a channel, takes
+    from g beyond its diagonal 1/M: E[c²]·… = (P−1)/(B·P) of the covariance of two positions'
+    products Δy·ŷ (``State.product``). A ReLU reading ŷ under a pool makes it large: there
+    Δy·ŷ = Δr·r with Δr shared by a sample's positions, and this is 1/(π·B) of g."""
+    if batch is None or dy.product is None:
+        return 0
+    return (positions - 1) * dy.product / (batch * positions)
+
+
 def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
     """g' = g/(σ²+ε)·spread, gk' likewise, and the gradient below sums to zero per channel.
 
@@ -135,12 +145,13 @@ def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[
     Dividing by σ_c, which varies across channels, gives E[1/σ_c²] > 1/E[σ_c²]
     (``variance_spread``); with B given, σ̂_c² is also a sample variance of M = B·P values,
     σ_c²·χ²_{M−1}/M, so E[1/σ̂²] = M/(M−3)·1/σ_c², and the projection on ŷ removes another 1/M
-    of the gradient: × M/(M−3)·(M−2)/(M−1) (+0.8% at M = 256, +15% at M = 16).
+    of the gradient: × M/(M−3)·(M−2)/(M−1) (+0.8% at M = 256, +15% at M = 16), and more where
+    the gradient covaries with ŷ over positions (``projection``).
     """
     x, p, b = xs[0], node.shape.positions, node.attrs.get("batch")
     v = plus_eps(channel_variance(node, x)[0]) / variance_spread(node, x)
     mean = 0 if b is None else (dy.m + (p - 1) * dy.k + dy.batch) / (b * p)  # E[M²], M the batch mean of Δy
-    g, gk = (dy.m - mean) / v, (dy.k - mean) / v
+    g, gk = (dy.m - mean - projection(dy, p, b)) / v, (dy.k - mean) / v
     own = variance_spread(node, x, own=True)
     return (State(g, gk, batch=-(g + (p - 1) * gk), spread=None if is_zero(own - 1) else own),)
 

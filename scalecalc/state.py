@@ -55,9 +55,9 @@ class State:
     # both passes, after a concat: (channels, state) of each group of channels that came in
     # separately; m, k and mean are then their channel-weighted averages
     parts: tuple[tuple[int, State], ...] | None = None
-    # forward, at a conv/linear output (and multiples of it): ν = n·k², the weights feeding one
-    # unit. A channel's variance over the batch is then a sum of ν weighted squares, which
-    # fluctuates across channels: E[1/σ_c²] = ν/(ν−2)·1/E[σ_c²] for iid inputs
+    # forward, at a conv/linear output (and multiples of it): ν = n·k² (n·T²/S with padding),
+    # the weights feeding one unit. A channel's variance over the batch is then a sum of ν
+    # weighted squares, which fluctuates across channels: E[1/σ_c²] = ν/(ν−2)·1/E[σ_c²] for iid inputs
     dof: M | None = None
     # forward, on a map: E[x̄_p²], x̄_p the mean over samples at position p, averaged over
     # positions, where it is not k: a padded conv's border outputs read fewer taps of the
@@ -67,6 +67,11 @@ class State:
     # positions (N the taps real for both, D = diag N) and the variance V over channels of
     # Q_c = (1/P)·Σ_p (x̄_p − x̄)², the offsets a batchnorm reading it keeps (``normalise``)
     offsets: tuple[M, M, M] | None = None
+    # backward, sent by a (leaky) ReLU of a centred input: E[(Δx·x)_p·(Δx·x)_q] for two
+    # positions of one sample. Δx·x = Δy·y exactly, so it is gk·k of the ReLU's output, and a
+    # gradient shared by the positions (a pool above) makes it large: a batchnorm below, which
+    # takes the gradient's projection on ŷ out, then removes (P−1)/(B·P) of it
+    product: M | None = None
 
 
 ExactForward = Callable[[Node, Sequence[State]], State]

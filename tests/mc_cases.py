@@ -434,6 +434,19 @@ layers:
   - {name: relu, op: relu}
   - {name: conv2, op: conv, out: 256, kernel: 1}
 """, batch=16, draws=256, seed=44, tol=0.03, batch_gradient=True),
+    # BN-ReLU under a global pool: the gradient Δr is shared by a sample's positions and
+    # Δŷ·ŷ = Δr·relu(ŷ), so BN's projection on ŷ takes (P−1)/(B·P)·gk·k = 1/(π·B) of the
+    # gradient (4% at B = 8), not just the 1/M of uncorrelated values
+    "batchnorm_relu_pooled": MCCase("""
+name: mc-bn-relu-pooled
+input: {channels: 256, size: 8}
+layers:
+  - {name: conv1, op: conv, out: 256, kernel: 1, bias: false}
+  - {name: bn, op: batchnorm, batch: 8}
+  - {name: relu, op: relu}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 256}
+""", batch=8, draws=256, seed=45, tol=0.02, batch_gradient=True),
     "batchnorm_pooled_gradient": MCCase("""
 name: mc-bn-pooled
 input: {channels: 128, size: 6}

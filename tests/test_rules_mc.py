@@ -312,6 +312,11 @@ def _batchnorm_pooled_gradient(net: Net, x: Tensor) -> Tensor:
     return net.linear("fc", net.node("gap", h.mean((2, 3))), 256)
 
 
+def _batchnorm_relu_pooled(net: Net, x: Tensor) -> Tensor:
+    h = net.node("relu", F.relu(_train_bn(net, "bn", net.conv("conv1", x, 256, 1, bias=False))))
+    return net.linear("fc", net.node("gap", h.mean((2, 3))), 256)
+
+
 def _concat_then_batchnorm(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 128, 1, bias=False)
     h = net.node("cat", torch.cat([h, net.conv("grow", h, 32, 1, bias=False)], dim=1))
@@ -338,7 +343,8 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "batchnorm_small_batch": _batchnorm_small_batch, "batchnorm_kept_offsets": _batchnorm_kept_offsets,
     "batchnorm_narrow_conv": _batchnorm_narrow_conv, "batchnorm_padded_border": _batchnorm_padded_border,
     "batchnorm_then_gelu": _batchnorm_then_gelu,
-    "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "concat_then_batchnorm": _concat_then_batchnorm,
+    "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "batchnorm_relu_pooled": _batchnorm_relu_pooled,
+    "concat_then_batchnorm": _concat_then_batchnorm,
     "post_activation_shortcut": _post_activation_shortcut,
     "linear": _linear, "conv": _conv, "conv_same": _conv_same, "relu": _relu,
     "leaky_relu": _leaky_relu, "dropout": _dropout, "scale": _scale, "identity": _identity,
@@ -684,6 +690,17 @@ def test_padded_border_degrees_of_freedom(monkeypatch: pytest.MonkeyPatch) -> No
     assert max(c.rel_err for c in found) > 0.4
     with pytest.raises(AssertionError, match="rule predictions disagree"):
         assert_agrees(found, COMBO_CASES["batchnorm_padded_border"].tol or 0, None)
+
+
+def test_projection_of_a_pooled_relu_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: a batchnorm whose projection on ŷ takes only the diagonal 1/M, as if
+    the gradient above were uncorrelated with ŷ, sends 1/(π·B) = 4% too much under a BN-ReLU-pool."""
+    monkeypatch.setattr(normalise, "projection", lambda dy, positions, batch: 0)
+    found = [c for c in checks(analyse("batchnorm_relu_pooled", "exact"), measure("batchnorm_relu_pooled"))
+             if c.quantity != "gamma_extrinsic"]
+    assert max(c.rel_err for c in found) > 0.03
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES["batchnorm_relu_pooled"].tol or 0, None)
 
 
 @pytest.mark.parametrize("name", ["padded_chain_pooled_gradient", "maxpool_chain"])
