@@ -81,7 +81,8 @@ def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
         gk = (dy.k - sum(p[1] for p in dy.gates)) * both + sum(p[1] * p[3] for p in dy.gates)
         # Δx·x = Δy·y for a (leaky) ReLU, so two positions' products covary by gk·k' above it
         product = None if open2 is not None or dy.gates else dy.k * _arccos_kernel(x.m, x.k, a)
-        return (State(g, gk, batch=dy.batch * both, opened=a if x.law is not None else None, product=product),)
+        return (State(g, gk, batch=dy.batch * both, opened=a if x.law is not None else None, product=product,
+                      spread_in=dy.spread_in),)
 
     return ExactRule(forward, backward)
 

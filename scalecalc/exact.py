@@ -107,10 +107,10 @@ def _dof(node: Node) -> M:
 
 def _conv_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
     """g as in Eq. 10 (exact taps);  gk' = gk·(g'/g)·shared (input pairs, ``_shared_taps``)."""
-    dy = despread(dy)
+    dy, passed = despread(dy)
     g = RULES["conv"].backward(node, [xs[0].m], dy.m)[0]
-    return (_summed(node, State(g, ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)),
-                    dy, ratio(g, dy.m)),)
+    gk = ratio(g, dy.m) * dy.k * _shared_taps(node, node.in_shapes[0].positions)
+    return (_summed(node, State(g, gk, spread_in=passed), dy, ratio(g, dy.m)),)
 
 
 def _summed(node: Node, dx: State, dy: State, factor: M) -> State:
@@ -147,9 +147,9 @@ def _vector_out(op: str) -> ExactRule:
         return State(m, ratio(m, xs[0].m) * xs[0].k, dof=node.attrs["n_in"])
 
     def backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
-        dy = despread(dy)
+        dy, passed = despread(dy)
         g = rule.backward(node, [xs[0].m], dy.m)[0]
-        return (State(g, 0, batch=ratio(g, dy.m) * dy.batch),)
+        return (State(g, 0, batch=ratio(g, dy.m) * dy.batch, spread_in=passed),)
 
     return ExactRule(forward, backward)
 
@@ -225,12 +225,14 @@ def _avgpool_forward(node: Node, xs: Sequence[State]) -> State:
 
     Each output averages τ real inputs (torch divides by K), τ terms of m and τ(τ−1)
     shared pairs; two outputs share the channel offset through all τ² pairs. A mean every
-    element shares (a ReLU's) stays: μ' = τ·μ/K.
+    element shares (a ReLU's) stays: μ' = τ·μ/K. A channel's variance stays a quadratic form
+    of the same weights, so a batchnorm reading the pool sees the conv's ν and ρ.
     """
     a, x, p = node.attrs, xs[0], node.shape.positions
     t, big_k = a["taps"], a["k2"]
     return State(x.m * t / (p * big_k**2) + x.k * t * (t - p) / (p * big_k) ** 2, x.k * t**2 / (p * big_k) ** 2,
-                 mean=x.mean * t / (p * big_k))  # a mean is averaged with the padding's zeros
+                 mean=x.mean * t / (p * big_k),  # a mean is averaged with the padding's zeros
+                 dof=x.dof, rank=x.rank)
 
 
 def _avgpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:
@@ -245,7 +247,8 @@ def _avgpool_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[St
     shared = dy.k * t**2 / (p * big_k) ** 2
     if p > 1:  # the fraction (K−1)/(ρ²−1) of pairs that sit in one window
         shared = shared + (dy.m - dy.k) * (big_k - 1) * t / ((p - 1) * p * big_k**2)
-    return (_summed(node, State(g, shared), dy, 1),)  # each window hands its gradient on whole
+    # each window hands its gradient on whole; a batchnorm's spread of the conv below goes with it
+    return (_summed(node, State(g, shared, spread=dy.spread), dy, 1),)
 
 
 EXACT["avgpool"] = ExactRule(_avgpool_forward, _avgpool_backward)

@@ -21,6 +21,7 @@ all positions share:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from scalecalc import expr
 from scalecalc.graph import Node
@@ -88,11 +89,12 @@ def variance_spread(node: Node, x: State, own: bool = False) -> M:
     if nu is None or (not expr.is_symbolic(nu) and nu <= 2):
         return 1
     if x.offsets is None or expr.is_symbolic(v):
-        spread: M = nu / (nu - 2)
+        nu_eff = nu if own else nu / x.rank
+        spread: M = nu_eff / (nu_eff - 2) if expr.is_symbolic(nu_eff) or nu_eff > 2 else 1
     else:
         cv2 = 2 / nu * ((float(v) - q) / float(v)) ** 2
-        if not own:
-            cv2 += float(x.offsets[2]) / float(v) ** 2
+        if not own:  # the layer's inputs covary: σ_c² = W_c·A·W_cᵀ has CV² = 2ρ/ν (``channels``)
+            cv2 = cv2 * x.rank + float(x.offsets[2]) / float(v) ** 2
         # CV ≥ 1: E[1/σ²] unbounded, left out as for ν ≤ 2
         spread = 1 / (1 - cv2) if expr.is_symbolic(cv2) or cv2 < 1 else 1
     if own:
@@ -153,7 +155,9 @@ def _batchnorm_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[
     mean = 0 if b is None else (dy.m + (p - 1) * dy.k + dy.batch) / (b * p)  # E[M²], M the batch mean of Δy
     g, gk = (dy.m - mean - projection(dy, p, b)) / v, (dy.k - mean) / v
     own = variance_spread(node, x, own=True)
-    return (State(g, gk, batch=-(g + (p - 1) * gk), spread=None if is_zero(own - 1) else own),)
+    covaried = 1 if x.rank == 1 else variance_spread(node, x) / variance_spread(node, replace(x, rank=1))
+    return (State(g, gk, batch=-(g + (p - 1) * gk), spread=None if is_zero(own - 1) else own,
+                  spread_in=None if is_zero(covaried - 1) else covaried),)
 
 
 NORMALISE["batchnorm"] = ExactRule(

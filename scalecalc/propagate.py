@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from scalecalc import expr
+from scalecalc import channels, expr
 from scalecalc.assumptions import Checks, check
 from scalecalc.borders import border_factors
 from scalecalc.errors import ScalecalcError
@@ -100,7 +100,8 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     normalised = _normalised(net) if exact else set()
     for node in net.nodes:
         result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy, exact,
-                                      masks, border.get(node.name, (1, 1, 1))[2], node.name in normalised, spatial)
+                                      masks, border.get(node.name, (1, 1, 1))[2], node.name in normalised, spatial,
+                                      bool(net.symbols))
         results.append(result)
         if change:
             changes.append(change)
@@ -160,8 +161,12 @@ def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, St
 def _forward(net: Network, forward: Mapping[str, Any], tidy: Any, border: Borders) -> dict[str, State]:
     fwd: dict[str, State] = {"input": State(net.input_m2, 0)}
     for node in net.nodes[1:]:
-        out = forward[node.op](node, [fwd[s] for s in node.inputs])
+        xs = [fwd[s] for s in node.inputs]
+        out = forward[node.op](node, xs)
         out = bordered(out, border.get(node.name, (1, 1, 1))[0])
+        weighted = node.weighted and node.op in ("conv", "linear")
+        e = None if net.symbols else channels.cross(node, xs, out)  # formulas of 1/n terms: numbers only
+        out = replace(out, cross=e, rank=channels.rank(xs[0]) if weighted else out.rank)
         fwd[node.name] = _tidied(out, tidy, net, node, "E[x²]")
     return fwd
 
@@ -194,10 +199,11 @@ def _masks(net: Network, bwd: Mapping[str, State]) -> dict[str, tuple[M, State]]
 
 
 def _normalised(net: Network) -> set[str]:
-    """Weighted layers whose every reader is a batchnorm, directly or through concats."""
+    """Weighted layers whose every reader is a batchnorm, directly or through concats and
+    average pools (linear and per channel, so Σ Δy·y = 0 still holds at the layer)."""
     def normalised(name: str) -> bool:
         readers = [net.node(c) for c in net.graph.successors(name)]
-        return bool(readers) and all(r.op == "batchnorm" or (r.op == "concat" and normalised(r.name))
+        return bool(readers) and all(r.op == "batchnorm" or (r.op in ("concat", "avgpool") and normalised(r.name))
                                      for r in readers)
 
     return {node.name for node in net.nodes if node.weighted and normalised(node.name)}
@@ -214,7 +220,7 @@ def _lift_back(rule: Rule) -> Any:
 def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mapping[str, State],
                  sent_states: tuple[State, ...], checks: Checks, tidy: Any, exact: bool,
                  masks: Mapping[str, tuple[M, State]], border: float, normalised: bool = False,
-                 spatial: Kernel | None = None) -> tuple[NodeResult, VarsigmaChange | None]:
+                 spatial: Kernel | None = None, symbolic: bool = False) -> tuple[NodeResult, VarsigmaChange | None]:
     y, dy = fwd_states[node.name].m, bwd_states[node.name].m
     sent = tuple(g.m for g in sent_states)
     varsigma = tidy(node.shape.size * dy * y)
@@ -233,6 +239,9 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
         notes.append(note)
     if node.op in ("batchnorm", "layernorm") and expr.is_symbolic(xs[0]):
         notes.append(f"{node.op}: σ² is symbolic and taken as ≫ ε = {BN_EPS:g} (numbers with --set keep ε)")
+    if node.op == "batchnorm" and exact and symbolic:
+        notes.append("batchnorm: symbolic mode takes the channels it reads as independent (their covariance "
+                     "at finite width needs numbers)")
     weight_m2 = gamma = gamma_ext = gamma_bias = None
     gamma_exact = True
     a = node.attrs
@@ -251,7 +260,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
                 grad = border * weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
             nu = fwd_states[node.name].dof
             if normalised and nu is not None:  # BN's gradient is ⟂ its input ŷ ∝ W·x, so ΔW ⟂ W: 1 of ν directions
-                grad = grad * (1 - 1 / nu)
+                grad = grad * (1 - channels.rank(x_state) / nu)  # ρ/ν where the input's channels covary
             gamma = tidy(grad / weight_m2)
             single = border * weight_grad_m2(node, State(x_state.m, 0), fwd_states[node.name], State(g_state.m, 0))
             share = 1 - single / grad if not expr.is_symbolic(grad) else 0

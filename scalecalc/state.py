@@ -42,6 +42,10 @@ class State:
     # out of what it sends on: a channel's large weights and its large variance go together,
     # so E[W²/σ_c²] = E[W²]·E[1/σ_c²]·(ν−2)/ν (exact for ν exchangeable terms)
     spread: M | None = None
+    # backward, likewise: the part of that spread the covariance of the layer's input channels
+    # makes (ρ, ``channels``); the layer sends it on, through activations, to the layer whose
+    # weights made the channels covary, which divides it out as its own
+    spread_in: M | None = None
     # forward, at an add's output: α·f(u) + w, a (leaky) ReLU output f(u) of slope a carried
     # by an identity shortcut plus Gaussian branches w: (α, a, u, E[w²], E[w_p·w_q])
     law: tuple[M, M, State, M, M] | None = None
@@ -72,6 +76,12 @@ class State:
     # gradient shared by the positions (a pool above) makes it large: a batchnorm below, which
     # takes the gradient's projection on ŷ out, then removes (P−1)/(B·P) of it
     product: M | None = None
+    # forward: e = n·tr(Σ²)/tr(Σ)² − 1 of the channel covariance Σ, 0 for independent channels;
+    # a conv or linear layer of ν inputs makes it about n/ν (``channels``)
+    cross: M | None = None
+    # forward, at a conv or linear output (and multiples of it): ρ = 1 + e of its input, which
+    # makes a batchnorm's σ_c² spread as a χ² of ν/ρ, not ν, terms
+    rank: M = 1
 
 
 ExactForward = Callable[[Node, Sequence[State]], State]
@@ -85,13 +95,17 @@ class ExactRule:
     note: str = ""
 
 
-def despread(dy: State) -> State:
+def despread(dy: State) -> tuple[State, M | None]:
     """A weighted layer's output gradient with the batchnorm's spread of its own weights
-    divided out (``State.spread``), for the gradient it sends to its input."""
-    if dy.spread is None:
-        return dy
-    s = dy.spread
-    return replace(dy, m=dy.m / s, k=dy.k / s, batch=dy.batch / s, spread=None)
+    divided out (``State.spread``), for the gradient it sends to its input; and the part of
+    the spread its input's covarying channels made (``State.spread_in``), which it sends on to
+    the layer that made them. A layer reached by that part alone divides it out."""
+    s, passed = dy.spread, dy.spread_in
+    if s is None:
+        s, passed = passed, None
+    if s is None:
+        return dy, None
+    return replace(dy, m=dy.m / s, k=dy.k / s, batch=dy.batch / s, spread=None, spread_in=None), passed
 
 
 def ratio(a: M, b: M) -> M:
@@ -105,7 +119,7 @@ def scaled(x: State, factor: M, rectified: bool = True) -> State:
     pre = x.rectified if rectified and x.rectified is not None else None
     return State(factor * x.m, factor * x.k, near=near,
                  rectified=None if pre is None else (pre[0], scaled(pre[1], factor)),
-                 mean=0 if is_zero(x.mean) else x.mean * root(factor), dof=x.dof,
+                 mean=0 if is_zero(x.mean) else x.mean * root(factor), dof=x.dof, cross=x.cross, rank=x.rank,
                  shared=None if x.shared is None else factor * x.shared,
                  offsets=_offsets_scaled(x.offsets, factor),
                  parts=None if x.parts is None else tuple((n, scaled(p, factor, rectified)) for n, p in x.parts))

@@ -447,6 +447,36 @@ layers:
   - {name: gap, op: global_avgpool}
   - {name: fc, op: linear, out: 256}
 """, batch=8, draws=256, seed=45, tol=0.02, batch_gradient=True),
+    # A 1×1 conv reading 16 ReLU channels of a 16-wide conv: those channels covary at finite
+    # width (ρ = 1 + 0.73²·17/16), so the batchnorm's σ_c² spreads as a χ² of 16/ρ, not 16, terms
+    "batchnorm_low_rank_input": MCCase("""
+name: mc-bn-low-rank
+input: {channels: 16, size: 16}
+layers:
+  - {name: c0, op: conv, out: 16, kernel: 1, bias: false}
+  - {name: r0, op: relu}
+  - {name: proj, op: conv, out: 32, kernel: 1, stride: 2, bias: false}
+  - {name: bn, op: batchnorm, batch: 16}
+  - {name: r1, op: relu}
+  - {name: flat, op: flatten}
+  - {name: fc, op: linear, out: 64}
+""", batch=16, draws=256, seed=46, tol=0.03, batch_gradient=True),
+    # a batchnorm reading an average pool of a conv: the pool keeps the conv's ν and ρ, passes
+    # the spread of its weights back to it, and ΔW ⟂ W still holds through it
+    "batchnorm_after_avgpool": MCCase("""
+name: mc-bn-after-pool
+input: {channels: 64, size: 16}
+layers:
+  - {name: c0, op: conv, out: 64, kernel: 1, bias: false}
+  - {name: bn0, op: batchnorm, batch: 16}
+  - {name: r0, op: relu}
+  - {name: tconv, op: conv, out: 32, kernel: 1, bias: false}
+  - {name: tpool, op: avgpool, kernel: 2}
+  - {name: bn1, op: batchnorm, batch: 16}
+  - {name: r1, op: relu}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 64}
+""", batch=16, draws=160, seed=47, tol=0.03, batch_gradient=True),
     "batchnorm_pooled_gradient": MCCase("""
 name: mc-bn-pooled
 input: {channels: 128, size: 6}

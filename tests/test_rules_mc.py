@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from scalecalc import exact, kernel, normalise
+from scalecalc import channels, exact, kernel, normalise
 from scalecalc.codegen import EMITTERS
 from scalecalc.exact import EXACT
 from scalecalc.graph import build
@@ -317,6 +317,19 @@ def _batchnorm_relu_pooled(net: Net, x: Tensor) -> Tensor:
     return net.linear("fc", net.node("gap", h.mean((2, 3))), 256)
 
 
+def _batchnorm_low_rank_input(net: Net, x: Tensor) -> Tensor:
+    h = net.node("r0", F.relu(net.conv("c0", x, 16, 1, bias=False)))
+    h = net.node("r1", F.relu(_train_bn(net, "bn", net.conv("proj", h, 32, 1, stride=2, bias=False))))
+    return net.linear("fc", net.node("flat", h.flatten(1)), 64)
+
+
+def _batchnorm_after_avgpool(net: Net, x: Tensor) -> Tensor:
+    h = net.node("r0", F.relu(_train_bn(net, "bn0", net.conv("c0", x, 64, 1, bias=False))))
+    h = net.node("tpool", F.avg_pool2d(net.conv("tconv", h, 32, 1, bias=False), 2))
+    h = net.node("r1", F.relu(_train_bn(net, "bn1", h)))
+    return net.linear("fc", net.node("gap", h.mean((2, 3))), 64)
+
+
 def _concat_then_batchnorm(net: Net, x: Tensor) -> Tensor:
     h = net.conv("conv1", x, 128, 1, bias=False)
     h = net.node("cat", torch.cat([h, net.conv("grow", h, 32, 1, bias=False)], dim=1))
@@ -344,7 +357,8 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "batchnorm_narrow_conv": _batchnorm_narrow_conv, "batchnorm_padded_border": _batchnorm_padded_border,
     "batchnorm_then_gelu": _batchnorm_then_gelu,
     "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "batchnorm_relu_pooled": _batchnorm_relu_pooled,
-    "concat_then_batchnorm": _concat_then_batchnorm,
+    "concat_then_batchnorm": _concat_then_batchnorm, "batchnorm_low_rank_input": _batchnorm_low_rank_input,
+    "batchnorm_after_avgpool": _batchnorm_after_avgpool,
     "post_activation_shortcut": _post_activation_shortcut,
     "linear": _linear, "conv": _conv, "conv_same": _conv_same, "relu": _relu,
     "leaky_relu": _leaky_relu, "dropout": _dropout, "scale": _scale, "identity": _identity,
@@ -672,7 +686,7 @@ def test_kept_offsets_matter(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_own_weights_spread_matters(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: a conv of 6 inputs under a batchnorm that sends back E[W²]·E[1/σ_c²]
     (as if its weights and its channels' variances were independent) sends 50% too much."""
-    monkeypatch.setattr(exact, "despread", lambda dy: dy)
+    monkeypatch.setattr(exact, "despread", lambda dy: (dy, None))
     found = [c for c in checks(analyse("batchnorm_narrow_conv", "exact"), measure("batchnorm_narrow_conv"))
              if c.quantity != "gamma_extrinsic"]
     assert max(c.rel_err for c in found) > 0.4
@@ -701,6 +715,17 @@ def test_projection_of_a_pooled_relu_gradient(monkeypatch: pytest.MonkeyPatch) -
     assert max(c.rel_err for c in found) > 0.03
     with pytest.raises(AssertionError, match="rule predictions disagree"):
         assert_agrees(found, COMBO_CASES["batchnorm_relu_pooled"].tol or 0, None)
+
+
+def test_covarying_channels_spread_batchnorm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: taking a 16-wide layer's channels as independent, a batchnorm reading
+    them through a 1×1 conv has E[1/σ_c²] too small, and the gradient below it comes out 5–6% low."""
+    monkeypatch.setattr(channels, "cross", lambda node, xs, out: None)
+    found = [c for c in checks(analyse("batchnorm_low_rank_input", "exact"), measure("batchnorm_low_rank_input"))
+             if c.quantity != "gamma_extrinsic"]
+    assert max(c.rel_err for c in found) > 0.04
+    with pytest.raises(AssertionError, match="rule predictions disagree"):
+        assert_agrees(found, COMBO_CASES["batchnorm_low_rank_input"].tol or 0, None)
 
 
 @pytest.mark.parametrize("name", ["padded_chain_pooled_gradient", "maxpool_chain"])
