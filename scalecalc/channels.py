@@ -17,8 +17,8 @@ Through other ops (Price's theorem for the activations, at small correlation):
 - add of independent summands of variances v_i (their weights included): e' = Σ v_i²·e_i/(Σ v_i)²;
 - concat: ρ' = n·Σ ρ_i·n_i·v_i²/(Σ n_i·v_i)²;
 - normalisation, pooling, scalars, flatten and the smooth activations keep e (approximate).
-The rules take formulas too, but ``propagate`` uses them with numbers only: symbolic mode takes
-the channels as independent, and says so at each batchnorm.
+Numbers only: symbolic mode takes the channels as independent (``propagate`` does not call
+this there), and says so at each batchnorm.
 """
 
 from __future__ import annotations
@@ -26,30 +26,29 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from scalecalc import expr
 from scalecalc.graph import Node
-from scalecalc.state import M, State, add_weights, has_symbols, is_zero
+from scalecalc.state import M, State, add_weights
 
 
 def cross(node: Node, xs: Sequence[State], out: State) -> float | None:
     """e = ρ − 1 of ``node``'s output channels (None where nothing is known)."""
     if not xs:
         return None
-    e = [0 if x.cross is None else x.cross for x in xs]
+    e = [0.0 if x.cross is None else float(x.cross) for x in xs]
     if node.weighted and node.op in ("conv", "linear"):
         nu = out.dof
-        return None if nu is None else (node.attrs["n_out"] + 1) * (1 + e[0]) / nu
+        return None if nu is None else (node.attrs["n_out"] + 1) * (1 + e[0]) / float(nu)
     if node.op in ("relu", "leaky_relu"):
         return _gain(node, xs[0], out) ** 2 * e[0]
     if node.op == "add":
         v = [a**2 * _variance(x) for a, x in zip(add_weights(node), xs)]
         total = sum(v)
-        return sum(vi**2 * ei for vi, ei in zip(v, e)) / total**2 if _positive(total) else None
+        return sum(vi**2 * ei for vi, ei in zip(v, e)) / total**2 if total > 0 else None
     if node.op == "concat":
         n = [s.channels for s in node.in_shapes]
         v = [_variance(x) for x in xs]
         total = sum(ni * vi for ni, vi in zip(n, v))
-        if not _positive(total):
+        if total <= 0:
             return None
         return sum(n) * sum((1 + ei) * ni * vi**2 for ei, ni, vi in zip(e, n, v)) / total**2 - 1
     return e[0]
@@ -60,27 +59,16 @@ def rank(x: State) -> M:
     return 1 if x.cross is None else 1 + x.cross
 
 
-def _variance(x: State) -> M:
-    return x.m - x.mean**2
+def _variance(x: State) -> float:
+    return float(x.m) - float(x.mean) ** 2
 
 
-def _positive(v: M) -> bool:
-    return expr.is_symbolic(v) or v > 0
-
-
-def _gain(node: Node, x: State, out: State) -> M:
+def _gain(node: Node, x: State, out: State) -> float:
     """λ = Var(x)·E[f′(x)]²/Var(f(x)) of a (leaky) ReLU, x taken as Gaussian of its mean and variance."""
-    a = node.attrs.get("slope", 0)
+    a = float(node.attrs.get("slope", 0))
     var, var_out = _variance(x), _variance(out)
-    if not (_positive(var) and _positive(var_out)):
-        return 1
-    if has_symbols(x) or expr.is_symbolic(a):
-        import sympy
-
-        p: M = sympy.Rational(1, 2)  # P(x > 0), the mean taken as 0
-    elif is_zero(x.mean):
-        p = 0.5
-    else:
-        p = 0.5 * (1 + math.erf(float(x.mean) / math.sqrt(2 * float(var))))
+    if var <= 0 or var_out <= 0:
+        return 1.0
+    p = 0.5 * (1 + math.erf(float(x.mean) / math.sqrt(2 * var)))  # P(x > 0)
     return var * (p + a * (1 - p)) ** 2 / var_out
 
