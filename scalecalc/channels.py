@@ -54,8 +54,9 @@ def cross(node: Node, xs: Sequence[State], out: State) -> float | None:
     return e[0]
 
 
-def rank(x: State) -> M:
-    """ρ = 1 + e of a state (1 where unknown)."""
+def concentration(x: State) -> M:
+    """ρ = 1 + e of a state's channels (1 where unknown); a conv or linear output keeps its
+    input's as ``State.rank``."""
     return 1 if x.cross is None else 1 + x.cross
 
 

@@ -166,7 +166,7 @@ def _forward(net: Network, forward: Mapping[str, Any], tidy: Any, border: Border
         out = bordered(out, border.get(node.name, (1, 1, 1))[0])
         weighted = node.weighted and node.op in ("conv", "linear")
         e = None if net.symbols else channels.cross(node, xs, out)  # formulas of 1/n terms: numbers only
-        out = replace(out, cross=e, rank=channels.rank(xs[0]) if weighted else out.rank)
+        out = replace(out, cross=e, rank=channels.concentration(xs[0]) if weighted else out.rank)
         fwd[node.name] = _tidied(out, tidy, net, node, "E[x²]")
     return fwd
 
@@ -177,7 +177,9 @@ def _tidied(s: State, tidy: Any, net: Network, node: Node, what: str) -> State:
     m = _finite(tidy(s.m), node, what)
     if not net.symbols:
         return replace(s, m=m)
-    part = lambda v: v if v is None or is_zero(v) else tidy(ratio(v, s.m)) * m  # noqa: E731
+    def part(v: M) -> M:
+        return v if v is None or is_zero(v) else tidy(ratio(v, s.m)) * m
+
     return replace(s, m=m, k=part(s.k), shared=part(s.shared), batch=part(s.batch))
 
 
@@ -260,7 +262,7 @@ def _node_result(node: Node, fwd_states: Mapping[str, State], bwd_states: Mappin
                 grad = border * weight_grad_m2(node, x_state, fwd_states[node.name], g_state, masks.get(node.name))
             nu = fwd_states[node.name].dof
             if normalised and nu is not None:  # BN's gradient is ⟂ its input ŷ ∝ W·x, so ΔW ⟂ W: 1 of ν directions
-                grad = grad * (1 - channels.rank(x_state) / nu)  # ρ/ν where the input's channels covary
+                grad = grad * (1 - fwd_states[node.name].rank / nu)  # ρ/ν where the input's channels covary
             gamma = tidy(grad / weight_m2)
             single = border * weight_grad_m2(node, State(x_state.m, 0), fwd_states[node.name], State(g_state.m, 0))
             share = 1 - single / grad if not expr.is_symbolic(grad) else 0
