@@ -362,18 +362,20 @@ def weight_grad_m2(node: Node, x: State, y: State, dy: State, mask: tuple[M, Sta
     π = (S − T)/k² ordered pairs of positions using it, and σ(h) = π·gk_h + S·batch_h/(k²P) the
     weight of the shared parts of a gradient h over pairs of positions and of samples:
 
-        τ·m·g  +  k·σ(Δy)  +  σ(h)·E[W²]·m_own²·(1−a)²/(2π·E[y²]).
+        τ·m·g  +  k·σ(Δy)  +  (E[x̄_p²] − k)·τ·batch_Δy/P  +  σ(h)·E[W²]·m_own²·(1−a)²/(2π·E[y²]).
 
     The first term is Thm 1. The second pairs the shared parts of input and gradient: the
     input's k is shared by positions and (it comes from the weights) by samples alike; a
-    batchnorm below makes σ(Δy) negative, so the shared input drops out of Σ_b,p x·Δy. The
-    third appears when the layer feeds a (leaky) ReLU whose output gradient h has a shared
+    batchnorm below makes σ(Δy) negative, so the shared input drops out of Σ_b,p x·Δy; two
+    samples at one position share more than k where a batchnorm kept offsets (``same_position``).
+    The last appears when the layer feeds a (leaky) ReLU whose output gradient h has a shared
     part: the unit's mask 1[y > 0] is correlated with each input,
     E[x·1[y>0]] = W·m·(1−a)/√(2π·E[y²]) for a Gaussian pre-activation, so the products of
     two positions no longer average out. ``mask`` is (a, gradient state at the ReLU output).
     """
     t, k2 = node.attrs["taps"], node.attrs["k2"]
-    return x.m * dy.m * t / k2 + x.k * _pair_weight(node, dy) + mask_grad_m2(node, x, y, mask)
+    return x.m * dy.m * t / k2 + x.k * _pair_weight(node, dy) + same_position(node, x, dy) + \
+        mask_grad_m2(node, x, y, mask)
 
 
 def _pair_weight(node: Node, h: State) -> M:
@@ -382,8 +384,19 @@ def _pair_weight(node: Node, h: State) -> M:
     return h.k * (node.attrs["pairs"] - node.attrs["taps"]) / k2 + h.batch * node.attrs["pairs"] / (k2 * p)
 
 
+def same_position(node: Node, x: State, dy: State) -> M:
+    """Of the S·(B−1) pairs of uses of a tap by two samples, T/k² per weight sit at one
+    position, where the samples share the input's E[x̄_p²] (``State.shared``: the offsets a
+    batchnorm kept over positions), not k: (E[x̄_p²] − k)·T·batch/(k²·P). Under a gradient a
+    pool shares over positions the batch coupling is large (−(P−1)·gk), and so is this: 4.5%
+    of E[ΔW²] for a conv between two batchnorms on 4×4 maps (``batchnorm_offsets_pooled``)."""
+    if x.shared is None:
+        return 0
+    return (x.shared - x.k) * dy.batch * node.attrs["taps"] / (node.attrs["k2"] * node.shape.positions)
+
+
 def mask_grad_m2(node: Node, x: State, y: State, mask: tuple[M, State] | None) -> M:
-    """The third term of ``weight_grad_m2``: a (leaky) ReLU mask above the layer correlated with
+    """The last term of ``weight_grad_m2``: a (leaky) ReLU mask above the layer correlated with
     its inputs, E[x·1[y>0]] = W·m·(1−a)/√(2π·E[y²]), paired over positions by the shared part of
     the ReLU's output gradient h. It is of order 1/(n·k²), the fan-in, beside the pair term."""
     if mask is None or node.init is None:

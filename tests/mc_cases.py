@@ -411,6 +411,24 @@ layers:
   - {name: flat, op: flatten}
   - {name: fc, op: linear, out: 256}
 """, batch=16, draws=128, seed=42, tol=0.04, batch_gradient=True),
+    # the same under a global pool: the gradient is shared by a sample's positions, so the
+    # batch coupling pairs each input with the other samples' at its own position, where
+    # they share E[x̄_p²] (the offsets BN kept), not k: 4.5% of c2's E[ΔW²]
+    "batchnorm_offsets_pooled": MCCase("""
+name: mc-bn-offsets-pooled
+input: {channels: 64, size: 4}
+layers:
+  - {name: c0, op: conv, out: 128, kernel: 1, bias: false}
+  - {name: r0, op: relu}
+  - {name: c1, op: conv, out: 128, kernel: 3, padding: 1, bias: false}
+  - {name: bn1, op: batchnorm, batch: 16}
+  - {name: r1, op: relu}
+  - {name: c2, op: conv, out: 128, kernel: 3, padding: 1, bias: false}
+  - {name: bn2, op: batchnorm, batch: 16}
+  - {name: r2, op: relu}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 64}
+""", batch=16, draws=256, seed=47, tol=0.03, batch_gradient=True),
     # BN after a conv of 6 inputs: E[1/σ_c²] is ν/(ν−2) = 1.5× 1/E[σ_c²], but a channel's large
     # weights are what make its σ_c² large, so the conv sends back only E[W²/σ_c²] ∝ 1/(ν·s).
     "batchnorm_narrow_conv": MCCase("""
