@@ -48,7 +48,8 @@ def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
         a, x = slope_of(node), xs[0]
         if x.law is not None:
             r = sum_moments(x.law, a)
-            return State(r.m2, r.pair, rectified=(a, x), mean=r.mean)
+            same = None if x.shared is None else sum_moments(x.law, a, same_position=True).pair
+            return State(r.m2, r.pair, rectified=(a, x), mean=r.mean, shared=same)
         if _shifted(x):
             return _leaky_shifted(x, float(a))
         near = None if x.near is None else _arccos_kernel(x.m, x.near, a)
@@ -99,16 +100,19 @@ def _leaky_shifted(x: State, a: float) -> State:
     mu, var = float(x.mean), float(x.m - x.mean**2)
     mean, m2, _ = leaky_moments(mu, var, a)
     near = None if x.near is None else leaky_pair(mu, var, float(x.near - x.mean**2), a)[0]
-    return State(m2, leaky_pair(mu, var, float(x.k - x.mean**2), a)[0], near=near, rectified=(a, x), mean=mean)
+    shared = None if x.shared is None else leaky_pair(mu, var, float(x.shared - x.mean**2), a)[0]
+    return State(m2, leaky_pair(mu, var, float(x.k - x.mean**2), a)[0], near=near, rectified=(a, x), mean=mean,
+                 shared=shared)
 
 
 ACTIVATIONS["relu"] = _leaky(lambda node: 0)
 ACTIVATIONS["leaky_relu"] = _leaky(lambda node: node.attrs["slope"])
 
 
-def shortcut_law(node: Node, xs: Sequence[State]) -> tuple[int, tuple[M, M, State, M, M]] | None:
+def shortcut_law(node: Node, xs: Sequence[State]) -> tuple[int, tuple[M, M, State, M, M, M]] | None:
     """(index of the ReLU summand, law) where exactly one summand is a (leaky) ReLU output and
-    the others are centred and not rectified, all with numbers."""
+    the others are centred and not rectified, all with numbers. The law is (α, a, u, E[w²],
+    E[w_p·w_q], E[w̄_p²]): the last is what two samples at one position share (``State.shared``)."""
     rect = [i for i, x in enumerate(xs) if x.rectified is not None]
     if len(rect) != 1 or any(has_symbols(x) for x in xs):
         return None
@@ -117,12 +121,16 @@ def shortcut_law(node: Node, xs: Sequence[State]) -> tuple[int, tuple[M, M, Stat
     if any(not is_zero(x.mean) for _, x in rest):
         return None
     slope, u = xs[i].rectified  # type: ignore[misc]
-    return i, (weights[i], slope, u, sum(a**2 * x.m for a, x in rest), sum(a**2 * x.k for a, x in rest))
+    return i, (weights[i], slope, u, sum(a**2 * x.m for a, x in rest), sum(a**2 * x.k for a, x in rest),
+               sum(a**2 * (x.k if x.shared is None else x.shared) for a, x in rest))
 
 
-def sum_moments(law: tuple[M, M, State, M, M], c: M) -> SumMoments:
-    alpha, a, u, w_m, w_k = law
-    return rectified_sum(float(alpha), float(a), (float(u.mean), float(u.m), float(u.k)), (float(w_m), float(w_k)),
+def sum_moments(law: tuple[M, M, State, M, M, M], c: M, same_position: bool = False) -> SumMoments:
+    """``rectified_sum`` of a shortcut law; ``same_position``: its ``pair`` is then that of two
+    samples at one position, which share the offsets E[x̄_p²] rather than k."""
+    alpha, a, u, w_m, w_k, w_s = law
+    u_k, w_k = (u.k if u.shared is None else u.shared, w_s) if same_position else (u.k, w_k)
+    return rectified_sum(float(alpha), float(a), (float(u.mean), float(u.m), float(u_k)), (float(w_m), float(w_k)),
                          float(c))
 
 

@@ -175,9 +175,11 @@ def _add_forward(node: Node, xs: Sequence[State]) -> State:
     mean = sum(a * x.mean for a, x in zip(weights, xs))
     cross = mean**2 - sum((a * x.mean) ** 2 for a, x in zip(weights, xs))
     law = shortcut_law(node, xs)
+    shared = None if all(x.shared is None for x in xs) else \
+        sum(a**2 * (x.k if x.shared is None else x.shared) for a, x in zip(weights, xs)) + cross
     return State(sum(a**2 * x.m for a, x in zip(weights, xs)) + cross,
                  sum(a**2 * x.k for a, x in zip(weights, xs)) + cross, mean=mean,
-                 law=None if law is None else law[1])
+                 law=None if law is None else law[1], shared=shared)
 
 
 def _add_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]:

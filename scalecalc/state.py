@@ -47,8 +47,8 @@ class State:
     # weights made the channels covary, which divides it out as its own
     spread_in: M | None = None
     # forward, at an add's output: α·f(u) + w, a (leaky) ReLU output f(u) of slope a carried
-    # by an identity shortcut plus Gaussian branches w: (α, a, u, E[w²], E[w_p·w_q])
-    law: tuple[M, M, State, M, M] | None = None
+    # by an identity shortcut plus Gaussian branches w: (α, a, u, E[w²], E[w_p·w_q], E[w̄_p²])
+    law: tuple[M, M, State, M, M, M] | None = None
     # forward: E[x], the mean every element shares (a ReLU's output and what adds, scales or
     # pools it without random weights); m and k include its square
     mean: M = 0
