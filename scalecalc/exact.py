@@ -389,8 +389,8 @@ def _pair_weight(node: Node, h: State) -> M:
 def same_position(node: Node, x: State, dy: State) -> M:
     """Of the S·(B−1) pairs of uses of a tap by two samples, T/k² per weight sit at one
     position, where the samples share the input's E[x̄_p²] (``State.shared``: the offsets a
-    batchnorm kept over positions), not k: (E[x̄_p²] − k)·T·batch/(k²·P). Under a gradient a
-    pool shares over positions the batch coupling is large (−(P−1)·gk), and so is this: 4.5%
+    batchnorm kept over positions), not k: (E[x̄_p²] − k)·T·batch/(k²·P). Under a gradient that
+    a pool shares over positions the batch coupling is large (−(P−1)·gk), and so is this: 4.5%
     of E[ΔW²] for a conv between two batchnorms on 4×4 maps (``batchnorm_offsets_pooled``)."""
     if x.shared is None:
         return 0
