@@ -6,7 +6,12 @@ covariance of its input patches), and for Gaussian W
 
     ρ' = n·tr(Σ²)/tr(Σ)² = 1 + (n + 1)·ρ/ν,    ρ = ν·tr(A²)/tr(A)²,
 
-ρ = 1 for independent channels. Stored is e = ρ − 1 (``State.cross``). A batchnorm's channel
+ρ = 1 for independent channels. Stored is e = ρ − 1 (``State.cross``). A patch of k² taps has
+ρ = (1/k²)·Σ_{t,t'} ρ(t' − t) over pairs of taps, ρ(0) = 1 + e and ρ(d) = e(d) the concentration
+of the covariance of channels at positions d apart (``State.cross_near``): a conv's overlapping
+windows make it, e'(d) = (n/ν)·(1/k²)·Σ_{t,t'} ρ(s·d + t' − t) (s the stride), so a conv reading
+a few-channel stem's output sees ρ(d) of 1.6 at its neighbours (64 channels of 27 inputs) and a
+patch concentration of 10, not 3.4. A batchnorm's channel
 variance σ_c² = W_c·A·W_cᵀ then has CV² = 2ρ/ν, not 2/ν (``normalise.variance_spread``), and
 the 1 − 1/ν that BN's ΔW ⟂ W takes from γ becomes 1 − ρ/ν. On a ResNet's stem, 16 channels of
 3·9 = 27 inputs, e = 0.63, and the identity shortcuts carry it through stage 1.
@@ -29,6 +34,9 @@ from collections.abc import Sequence
 from scalecalc.graph import Node
 from scalecalc.state import M, State, add_weights
 
+Near = tuple[tuple[tuple[int, int], float], ...]
+REACH = 2  # displacements kept per axis
+
 
 def cross(node: Node, xs: Sequence[State], out: State) -> float | None:
     """e = ρ − 1 of ``node``'s output channels (None where nothing is known)."""
@@ -37,7 +45,7 @@ def cross(node: Node, xs: Sequence[State], out: State) -> float | None:
     e = [0.0 if x.cross is None else float(x.cross) for x in xs]
     if node.weighted and node.op in ("conv", "linear"):
         nu = out.dof
-        return None if nu is None else (node.attrs["n_out"] + 1) * (1 + e[0]) / float(nu)
+        return None if nu is None else (node.attrs["n_out"] + 1) * float(patch(node, xs[0])) / float(nu)
     if node.op in ("relu", "leaky_relu"):
         return _gain(node, xs[0], out) ** 2 * e[0]
     if node.op == "add":
@@ -52,6 +60,70 @@ def cross(node: Node, xs: Sequence[State], out: State) -> float | None:
             return None
         return sum(n) * sum((1 + ei) * ni * vi**2 for ei, ni, vi in zip(e, n, v)) / total**2 - 1
     return e[0]
+
+
+def near(node: Node, xs: Sequence[State], out: State) -> Near | None:
+    """e(d) of ``node``'s output for 0 < |d| ≤ ``REACH`` (None where 0 or unknown)."""
+    if not xs or not node.shape.spatial:
+        return None
+    x = xs[0]
+    if node.op == "conv":
+        if out.dof is None:
+            return None
+        taps, (sh, sw) = _taps(node), node.attrs["stride"]
+        rho, scale = _rho(x), node.attrs["n_out"] / float(out.dof) / len(taps)
+        found = []
+        for d in _displacements():
+            total = sum(rho.get((sh * d[0] + b[0] - a[0], sw * d[1] + b[1] - a[1]), 0.0) for a in taps for b in taps)
+            if total * scale > 1e-9:
+                found.append((d, total * scale))
+        return tuple(found) or None
+    if node.op in ("relu", "leaky_relu"):
+        damp = _gain(node, x, out) ** 2
+        return None if x.cross_near is None else tuple((d, damp * e) for d, e in x.cross_near)
+    if node.op == "add":
+        v = [a**2 * _variance(x) for a, x in zip(add_weights(node), xs)]
+        return _mixed([dict(x.cross_near or ()) for x in xs], [vi / sum(v) for vi in v]) if sum(v) > 0 else None
+    if node.op == "concat":
+        n = [s.channels for s in node.in_shapes]
+        v = [_variance(x) for x in xs]
+        total = sum(ni * vi for ni, vi in zip(n, v))
+        weights = [math.sqrt(sum(n) * ni) * vi / total for ni, vi in zip(n, v)]
+        return _mixed([dict(x.cross_near or ()) for x in xs], weights) if total > 0 else None
+    if node.op in ("batchnorm", "layernorm", "scale", "bias", "identity", "dropout", "tanh", "sigmoid", "gelu"):
+        return x.cross_near
+    return None  # pools and flatten move or drop the positions
+
+
+def patch(node: Node, x: State) -> M:
+    """ρ of the patches a conv reads, (1/k²)·Σ over pairs of its taps of ρ(t' − t); a linear
+    layer's (or a conv's on a state without ``cross_near``) is the channels' own ρ."""
+    if node.op != "conv" or x.cross_near is None:
+        return concentration(x)
+    taps, rho = _taps(node), _rho(x)
+    return sum(rho.get((b[0] - a[0], b[1] - a[1]), 0.0) for a in taps for b in taps) / len(taps)
+
+
+def _taps(node: Node) -> list[tuple[int, int]]:
+    kh, kw = node.attrs["kernel"]
+    return [(i, j) for i in range(int(kh)) for j in range(int(kw))]
+
+
+def _displacements() -> list[tuple[int, int]]:
+    return [(i, j) for i in range(-REACH, REACH + 1) for j in range(-REACH, REACH + 1) if (i, j) != (0, 0)]
+
+
+def _rho(x: State) -> dict[tuple[int, int], float]:
+    """ρ(d) of a state: 1 + e at d = 0, e(d) elsewhere."""
+    rho = dict(x.cross_near or ())
+    rho[(0, 0)] = float(concentration(x))
+    return rho
+
+
+def _mixed(parts: list[dict[tuple[int, int], float]], weights: list[float]) -> Near | None:
+    """Σ wᵢ²·eᵢ(d) of summands (or groups) of relative weights wᵢ."""
+    found = [(d, sum(w**2 * p.get(d, 0.0) for w, p in zip(weights, parts))) for d in _displacements()]
+    return tuple((d, e) for d, e in found if e > 1e-9) or None
 
 
 def concentration(x: State) -> M:

@@ -165,8 +165,9 @@ def _forward(net: Network, forward: Mapping[str, Any], tidy: Any, border: Border
         out = forward[node.op](node, xs)
         out = bordered(out, border.get(node.name, (1, 1, 1))[0])
         weighted = node.weighted and node.op in ("conv", "linear")
-        e = None if net.symbols else channels.cross(node, xs, out)  # formulas of 1/n terms: numbers only
-        out = replace(out, cross=e, rank=channels.concentration(xs[0]) if weighted else out.rank)
+        if not net.symbols:  # formulas of 1/n terms: numbers only
+            out = replace(out, cross=channels.cross(node, xs, out), cross_near=channels.near(node, xs, out),
+                          rank=channels.patch(node, xs[0]) if weighted else out.rank)
         fwd[node.name] = _tidied(out, tidy, net, node, "E[x²]")
     return fwd
 

@@ -79,7 +79,11 @@ class State:
     # forward: e = n·tr(Σ²)/tr(Σ)² − 1 of the channel covariance Σ, 0 for independent channels;
     # a conv or linear layer of ν inputs makes it about n/ν (``channels``)
     cross: M | None = None
-    # forward, at a conv or linear output (and multiples of it): ρ = 1 + e of its input, which
+    # forward, on a map: e(d) = n·‖Σ(d)‖²/tr(Σ)² of the covariance Σ(d) of the channels at p with
+    # those at p + d, 0 < |d| ≤ 2 where it is not 0: the overlapping windows of a conv of few
+    # inputs make it large (``channels.near``)
+    cross_near: tuple[tuple[tuple[int, int], float], ...] | None = None
+    # forward, at a conv or linear output (and multiples of it): ρ of its input patches, which
     # makes a batchnorm's σ_c² spread as a χ² of ν/ρ, not ν, terms
     rank: M = 1
 
@@ -120,6 +124,7 @@ def scaled(x: State, factor: M, rectified: bool = True) -> State:
     return State(factor * x.m, factor * x.k, near=near,
                  rectified=None if pre is None else (pre[0], scaled(pre[1], factor)),
                  mean=0 if is_zero(x.mean) else x.mean * root(factor), dof=x.dof, cross=x.cross, rank=x.rank,
+                 cross_near=x.cross_near,
                  shared=None if x.shared is None else factor * x.shared,
                  offsets=_offsets_scaled(x.offsets, factor),
                  parts=None if x.parts is None else tuple((n, scaled(p, factor, rectified)) for n, p in x.parts))
