@@ -8,7 +8,18 @@ import math
 from collections.abc import Callable, Sequence
 
 from scalecalc import expr
-from scalecalc.gaussian import SumMoments, cdf, gauss, leaky_moments, leaky_pair, pair, rectified_sum
+from scalecalc.gaussian import (
+    Law,
+    SumMoments,
+    cdf,
+    chain_rate,
+    chain_weight,
+    gauss,
+    leaky_moments,
+    leaky_pair,
+    pair,
+    rectified_sum,
+)
 from scalecalc.graph import Node
 from scalecalc.rules import RULES, _sigmoid
 from scalecalc.state import ExactRule, M, State, add_weights, has_symbols, is_sympy, is_zero, pi_of, ratio, root, trig
@@ -82,8 +93,14 @@ def _leaky(slope_of: Callable[[Node], M]) -> ExactRule:
         gk = (dy.k - sum(p[1] for p in dy.gates)) * both + sum(p[1] * p[3] for p in dy.gates)
         # Δx·x = Δy·y for a (leaky) ReLU, so two positions' products covary by gk·k' above it
         product = None if open2 is not None or dy.gates else dy.k * _arccos_kernel(x.m, x.k, a)
+        weight = None
+        if x.law is not None:  # how the gradient it sends depends on the sum it reads
+            key = law_key(x.law)
+            assert key is not None
+            weight = chain_weight(key, float(a), float(dy.m - sum(m for m, _, _ in dy.chain)),
+                                  tuple((float(m), law, w) for m, law, w in dy.chain))
         return (State(g, gk, batch=dy.batch * both, opened=a if x.law is not None else None, product=product,
-                      spread_in=dy.spread_in),)
+                      spread_in=dy.spread_in, weight=weight),)
 
     return ExactRule(forward, backward)
 
@@ -131,7 +148,27 @@ def sum_moments(law: tuple[M, M, State, M, M, M], c: M, same_position: bool = Fa
     alpha, a, u, w_m, w_k, w_s = law
     u_k, w_k = (u.k if u.shared is None else u.shared, w_s) if same_position else (u.k, w_k)
     return rectified_sum(float(alpha), float(a), (float(u.mean), float(u.m), float(u_k)), (float(w_m), float(w_k)),
-                         float(c))
+                         float(c), law_key(u.law))
+
+
+def shortcut_rate(law: tuple[M, M, State, M, M, M], r: SumMoments, c: M, weight: tuple[float, ...] | None) -> M:
+    """E[f'(u)²·g'(z)²]/E[g'(z)²], the share of the sum's gradient its shortcut's ReLU f passes
+    (g of slope c reads the sum), or where that gradient's size depends on z otherwise (ω,
+    ``chain_weight``) E[f'²·ω]: the rate with the offsets, times the chain's change of it at none."""
+    base = r.joint2 / r.open2
+    key = law_key(law)
+    if weight is None or key is None:
+        return base
+    return base * chain_rate(key, weight) / chain_rate(key, chain_weight(key, float(c), 1.0, ()))
+
+
+def law_key(law: tuple[M, M, State, M, M, M] | None) -> Law | None:
+    """A law as ``rectified_sum`` takes it (``inner``), with the law of its ReLU's input, if any."""
+    if law is None:
+        return None
+    alpha, a, u, w_m, w_k, _ = law
+    return (float(alpha), float(a), (float(u.mean), float(u.m), float(u.k)), (float(w_m), float(w_k)),
+            law_key(u.law))
 
 
 # --- smooth activations ------------------------------------------------------------------

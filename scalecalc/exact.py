@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from scalecalc import expr
-from scalecalc.activations import ACTIVATIONS, shortcut_law, sum_moments
+from scalecalc.activations import ACTIVATIONS, law_key, shortcut_law, shortcut_rate, sum_moments
 from scalecalc.gaussian import max_m2, max_mean, rectified_max
 from scalecalc.graph import Node
 from scalecalc.normalise import NORMALISE, conv_offsets
@@ -191,7 +191,9 @@ def _add_backward(node: Node, xs: Sequence[State], dy: State) -> Sequence[State]
     if found is not None and dy.opened is not None:
         i, law = found
         r = sum_moments(law, dy.opened)
-        out[i] = replace(out[i], gates=((out[i].m, out[i].k, r.joint2 / r.open2, r.joint_pair / r.open_pair),))
+        rate = shortcut_rate(law, r, dy.opened, dy.weight)
+        chain = () if dy.weight is None else ((out[i].m, law_key(law), dy.weight),)
+        out[i] = replace(out[i], gates=((out[i].m, out[i].k, rate, r.joint_pair / r.open_pair),), chain=chain)
     return tuple(out)
 
 

@@ -37,6 +37,11 @@ class State:
     gates: tuple[tuple[M, M, M, M], ...] = ()
     # backward, at an add's output read by a (leaky) ReLU: that ReLU's slope
     opened: M | None = None
+    # backward, there: E[Δz² | z]/E[Δz²] on the grid of the sum's law (``gaussian.chain_weight``),
+    # and into a ReLU output carried by a shortcut, the parts of ``gates`` that came through it:
+    # (m, the sum's law, its ω), which make the ReLU's own ω
+    weight: tuple[float, ...] | None = None
+    chain: tuple[tuple[M, Any, tuple[float, ...]], ...] = ()
     # backward, at the input of a batchnorm reading a conv or linear layer: the part of
     # E[1/σ_c²]·E[σ_c²] that comes from the layer's own weights, ν/(ν−2). The layer divides it
     # out of what it sends on: a channel's large weights and its large variance go together,
@@ -135,7 +140,8 @@ def bordered(x: State, factor: M) -> State:
     position average of m and k moves; the neighbour covariance, an interior quantity, does not."""
     parts = None if x.parts is None else tuple((n, bordered(p, factor)) for n, p in x.parts)
     gates = tuple((factor * m, factor * k, gm, gk) for m, k, gm, gk in x.gates)
-    return replace(x, m=factor * x.m, k=factor * x.k, parts=parts, gates=gates,
+    chain = tuple((factor * m, law, w) for m, law, w in x.chain)
+    return replace(x, m=factor * x.m, k=factor * x.k, parts=parts, gates=gates, chain=chain,
                    shared=None if x.shared is None else factor * x.shared,
                    offsets=_offsets_scaled(x.offsets, factor))
 
@@ -193,7 +199,7 @@ def groups(x: State, channels: int) -> tuple[tuple[int, State], ...]:
 def added(a: State, b: State) -> State:
     """The gradient a node gets from two readers: their sum, group by group."""
     if a.parts is None and b.parts is None:
-        return State(a.m + b.m, a.k + b.k, batch=a.batch + b.batch, gates=a.gates + b.gates)
+        return State(a.m + b.m, a.k + b.k, batch=a.batch + b.batch, gates=a.gates + b.gates, chain=a.chain + b.chain)
     groups_a = a.parts or tuple((n, a) for n, _ in b.parts or ())
     groups_b = b.parts or tuple((n, b) for n, _ in groups_a)
     return joined([(n, added(x, y)) for (n, x), (_, y) in zip(groups_a, groups_b)])

@@ -13,7 +13,16 @@ import math
 import numpy as np
 import pytest
 
-from scalecalc.gaussian import SAMPLES, leaky_moments, leaky_pair, rectified_max, rectified_sum, window_max
+from scalecalc.gaussian import (
+    SAMPLES,
+    chain_rate,
+    chain_weight,
+    leaky_moments,
+    leaky_pair,
+    rectified_max,
+    rectified_sum,
+    window_max,
+)
 
 N = 400_000
 N_SE = 4.0
@@ -147,3 +156,52 @@ def test_window_max_of_a_field(slope: float | None) -> None:
         truth = want.T @ want / len(z)  # E[r_p·r_q]: 0 for two positions of one window
         assert np.array_equal(np.diag(full), diagonal)
         assert np.all(np.abs(full - truth) <= N_SE * np.sqrt(truth * (1 - truth) / draws) + 1e-12)
+
+
+def _stack(blocks: int) -> tuple[list[tuple], list[np.ndarray]]:
+    """Laws of z_1..z_n for z_l = relu(z_{l−1}) + w_l, z_0 ~ N(0, 1), w_l ~ N(0, 1) (a stack of
+    post-activation blocks, offsets 0), and samples of u = z_0, z_1, ..., z_n."""
+    rng = np.random.default_rng(5)
+    z = [rng.standard_normal(N)]
+    laws: list[tuple] = []
+    inner, u = None, (0.0, 1.0, 0.0)  # (E[z], E[z²], E[z_p·z_q]) of the sum the next ReLU reads
+    for _ in range(blocks):
+        law = (1.0, 0.0, u, (1.0, 0.0), inner)
+        z.append(np.maximum(z[-1], 0) + rng.standard_normal(N))
+        # z_l = relu(z_{l−1}) + w_l: relu(z_{l−1}) is the previous sum's ReLU (z_0's for l = 1)
+        relu = None if inner is None else rectified_sum(*inner[:4], 0.0, inner[4])
+        mean, m2 = (math.sqrt(1 / (2 * math.pi)), 0.5) if relu is None else (relu.mean, relu.m2)
+        laws.append(law)
+        inner, u = law, (mean, m2 + 1.0, mean**2)
+    return laws, z
+
+
+def test_nested_law_of_a_post_activation_stack() -> None:
+    """From the second block on, the ReLU reads relu(z) + w with z itself such a sum: its
+    moments and its gates' correlation with the ReLU below, by the sum's law on a grid."""
+    laws, z = _stack(3)
+    for law, below, above in zip(laws[1:], z[1:], z[2:]):
+        r = rectified_sum(*law[:4], 0.0, law[4])
+        assert _agrees(r.mean, np.maximum(above, 0))
+        assert _agrees(r.m2, np.maximum(above, 0) ** 2)
+        assert _agrees(r.open2, (above > 0) * 1.0)
+        assert _agrees(r.joint2, ((below > 0) & (above > 0)) * 1.0)
+    # negative control: taken as a Gaussian of its moments, the third sum's ReLU is 1.6% off
+    gaussian = rectified_sum(*laws[2][:4], 0.0, None)
+    assert not _agrees(gaussian.m2, np.maximum(z[3], 0) ** 2)
+
+
+def test_gate_chain_of_a_post_activation_stack() -> None:
+    """The share of the top gradient that reaches z_1 through every shortcut, E[Π_l 1[z_l > 0]]
+    over the open gates above: the rates ``chain_rate`` gives level by level with the weights
+    ``chain_weight`` carries down, against the product of the gates in the samples."""
+    laws, z = _stack(3)
+    top = chain_weight(laws[2], 0.0, 1.0, ())  # z_3 read by a ReLU whose gradient is iid
+    middle = chain_weight(laws[1], 0.0, 0.0, ((1.0, laws[2], top),))  # all of it through z_3's shortcut
+    open_ = [(v > 0) * 1.0 for v in z]
+    assert _agrees(chain_rate(laws[2], top) * open_[3].mean(), open_[2] * open_[3])
+    reached = chain_rate(laws[1], middle) * (open_[2] * open_[3]).mean()
+    assert _agrees(reached, open_[1] * open_[2] * open_[3])
+    # negative control: the gates paired only with their neighbour, 3.6% short
+    pairwise = (open_[1] * open_[2]).mean() / open_[2].mean() * (open_[2] * open_[3]).mean()
+    assert not _agrees(pairwise, open_[1] * open_[2] * open_[3])

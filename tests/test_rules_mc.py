@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from scalecalc import channels, exact, kernel, normalise
+from scalecalc import activations, channels, exact, gaussian, kernel, normalise
 from scalecalc.codegen import EMITTERS
 from scalecalc.exact import EXACT
 from scalecalc.graph import build
@@ -299,6 +299,14 @@ def _batchnorm_offsets_pooled(net: Net, x: Tensor) -> Tensor:
     return net.linear("fc", net.node("gap", h.mean((2, 3))), 64)
 
 
+def _post_activation_stack(net: Net, x: Tensor) -> Tensor:
+    h = net.node("r0", F.relu(_train_bn(net, "bn0", net.conv("c0", x, 256, 1, bias=False))))
+    for i in range(1, 5):
+        b = _train_bn(net, f"bn{i}", net.conv(f"c{i}", h, 256, 1, bias=False))
+        h = net.node(f"r{i}", F.relu(net.node(f"m{i}", h + b)))
+    return net.linear("fc", net.node("flat", h.flatten(1)), 64)
+
+
 def _maxpool_leaky_odd(net: Net, x: Tensor) -> Tensor:
     h = net.node("r1", F.leaky_relu(net.conv("c1", x, 128, 3, padding=1, bias=False), 0.2))
     h = net.conv("c2", net.node("p1", F.max_pool2d(h, 2)), 128, 3, padding=1, bias=False)
@@ -362,6 +370,7 @@ REFERENCES: dict[str, Callable[[Net, Tensor], Tensor]] = {
     "maxpool_chain": _maxpool_chain, "maxpool_leaky_odd": _maxpool_leaky_odd,
     "batchnorm_small_batch": _batchnorm_small_batch, "batchnorm_kept_offsets": _batchnorm_kept_offsets,
     "batchnorm_offsets_pooled": _batchnorm_offsets_pooled,
+    "post_activation_stack": _post_activation_stack,
     "batchnorm_narrow_conv": _batchnorm_narrow_conv, "batchnorm_padded_border": _batchnorm_padded_border,
     "batchnorm_then_gelu": _batchnorm_then_gelu,
     "batchnorm_pooled_gradient": _batchnorm_pooled_gradient, "batchnorm_relu_pooled": _batchnorm_relu_pooled,
@@ -695,6 +704,28 @@ def test_same_position_samples_matter(monkeypatch: pytest.MonkeyPatch) -> None:
     batchnorm kept offsets over positions and a pool shares the gradient, puts c2's γ 4.5% high."""
     monkeypatch.setattr(exact, "same_position", lambda node, x, dy: 0)
     _misses("batchnorm_offsets_pooled", 0.035)
+
+
+def test_post_activation_stack_needs_the_law_of_its_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: each shortcut sum taken as a Gaussian of its moments (the gate chain
+    then weighs the wrong law), the gradients below the four blocks come out 9% high."""
+    own_part, cached = gaussian._own_part, (gaussian.rectified_sum, gaussian._gated_law)
+    monkeypatch.setattr(gaussian, "_own_part", lambda u, inner: own_part(u, None))
+    for f in cached:
+        f.cache_clear()
+    try:
+        _misses("post_activation_stack", 0.05)
+    finally:
+        for f in cached:
+            f.cache_clear()
+
+
+def test_post_activation_stack_needs_the_gate_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: each shortcut's gate paired only with the next one's, the bottom of
+    the stack gets 3.7% too little gradient."""
+    weight = activations.chain_weight
+    monkeypatch.setattr(activations, "chain_weight", lambda law, c, rest, parts: weight(law, c, 1.0, ()))
+    _misses("post_activation_stack", 0.03)
 
 
 def test_own_weights_spread_matters(monkeypatch: pytest.MonkeyPatch) -> None:
