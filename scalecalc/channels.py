@@ -9,9 +9,9 @@ covariance of its input patches), and for Gaussian W
 ρ = 1 for independent channels. Stored is e = ρ − 1 (``State.cross``). A patch of k² taps has
 ρ = (1/k²)·Σ_{t,t'} ρ(t' − t) over pairs of taps, ρ(0) = 1 + e and ρ(d) = e(d) the concentration
 of the covariance of channels at positions d apart (``State.cross_near``): a conv's overlapping
-windows make it, e'(d) = (n/ν)·(1/k²)·Σ_{t,t'} ρ(s·d + t' − t) (s the stride), so a conv reading
-a few-channel stem's output sees ρ(d) of 1.6 at its neighbours (64 channels of 27 inputs) and a
-patch concentration of 10, not 3.4. A batchnorm's channel
+windows make it, e'(d) = (n/ν)·(1/k²)·Σ_{t,t'} ρ(s·d + t' − t) (s the stride). A stem of 64
+channels of 3·9 inputs has e = 2.4 and e(d) = 1.6 at its neighbours; through its ReLU the next
+conv's patches have ρ = 6.7, not the 2.3 of one position's channels. A batchnorm's channel
 variance σ_c² = W_c·A·W_cᵀ then has CV² = 2ρ/ν, not 2/ν (``normalise.variance_spread``), and
 the 1 − 1/ν that BN's ΔW ⟂ W takes from γ becomes 1 − ρ/ν. On a ResNet's stem, 16 channels of
 3·9 = 27 inputs, e = 0.63, and the identity shortcuts carry it through stage 1.

@@ -150,6 +150,7 @@ class SumMoments:
 
 #: (α, a, (E[u], E[u²], E[u_p·u_q]), (E[w²], E[w_p·w_q]), law of u or None): z = α·f(u) + w
 Law = tuple[float, float, tuple[float, float, float], tuple[float, float], Any]
+GRID = 1801  # points of the grids of a sum's law (f has a kink)
 
 
 def _own_part(u: tuple[float, float, float], inner: Law | None) -> tuple[Any, Any]:
@@ -190,8 +191,8 @@ def _gated_law(law: Law) -> tuple[Any, Any, Any]:
     if sd < 4 * (z[1] - z[0]):  # w no wider than the grid: z is f(u)
         return f, p, p * gate2
     spread = np.exp(-0.5 * ((z[:, None] - f[None, :]) / sd) ** 2)
-    q, total = spread @ p, spread @ p
-    return z, q / total.sum(), spread @ (p * gate2) / total.sum()
+    q = spread @ p
+    return z, q / q.sum(), spread @ (p * gate2) / q.sum()
 
 
 def chain_rate(law: Law, weight: tuple[float, ...]) -> float:
@@ -228,9 +229,6 @@ def chain_weight(law: Law, c: float, rest: float, parts: tuple[tuple[float, Law,
     if not total > 0:  # no gradient reaches the ReLU: its gate alone
         w, total = np.where(z > 0, 1.0, c * c), q @ np.where(z > 0, 1.0, c * c)
     return tuple((w / total).tolist())
-
-
-GRID = 1801  # points of the grids above (f has a kink)
 
 
 @lru_cache(maxsize=1024)
