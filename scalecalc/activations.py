@@ -145,10 +145,14 @@ def shortcut_law(node: Node, xs: Sequence[State]) -> tuple[int, tuple[M, M, Stat
 def sum_moments(law: tuple[M, M, State, M, M, M], c: M, same_position: bool = False) -> SumMoments:
     """``rectified_sum`` of a shortcut law; ``same_position``: its ``pair`` is then that of two
     samples at one position, which share the offsets E[x̄_p²] rather than k."""
-    alpha, a, u, w_m, w_k, w_s = law
-    u_k, w_k = (u.k if u.shared is None else u.shared, w_s) if same_position else (u.k, w_k)
-    return rectified_sum(float(alpha), float(a), (float(u.mean), float(u.m), float(u_k)), (float(w_m), float(w_k)),
-                         float(c), law_key(u.law))
+    key = law_key(law)
+    assert key is not None
+    alpha, a, u, w, inner = key
+    if same_position:
+        state = law[2]
+        u = (u[0], u[1], float(state.k if state.shared is None else state.shared))
+        w = (w[0], float(law[5]))
+    return rectified_sum(alpha, a, u, w, float(c), inner)
 
 
 def shortcut_rate(law: tuple[M, M, State, M, M, M], r: SumMoments, c: M, weight: tuple[float, ...] | None) -> M:

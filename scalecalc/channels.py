@@ -43,22 +43,16 @@ def cross(node: Node, xs: Sequence[State], out: State) -> float | None:
     if not xs:
         return None
     e = [0.0 if x.cross is None else float(x.cross) for x in xs]
-    if node.weighted and node.op in ("conv", "linear"):
-        nu = out.dof
-        return None if nu is None else (node.attrs["n_out"] + 1) * float(patch(node, xs[0])) / float(nu)
+    if node.weighted and node.op in ("conv", "linear"):  # ``out.rank``: ρ of its input patches
+        return None if out.dof is None else (node.attrs["n_out"] + 1) * float(out.rank) / float(out.dof)
     if node.op in ("relu", "leaky_relu"):
         return _gain(node, xs[0], out) ** 2 * e[0]
-    if node.op == "add":
-        v = [a**2 * _variance(x) for a, x in zip(add_weights(node), xs)]
-        total = sum(v)
-        return sum(vi**2 * ei for vi, ei in zip(v, e)) / total**2 if total > 0 else None
-    if node.op == "concat":
-        n = [s.channels for s in node.in_shapes]
-        v = [_variance(x) for x in xs]
-        total = sum(ni * vi for ni, vi in zip(n, v))
-        if total <= 0:
+    if node.op in ("add", "concat"):
+        w = _mixing(node, xs)
+        if w is None:
             return None
-        return sum(n) * sum((1 + ei) * ni * vi**2 for ei, ni, vi in zip(e, n, v)) / total**2 - 1
+        # add: e' = Σ wᵢ²·eᵢ; concat: ρ' = Σ wᵢ²·ρᵢ, whose wᵢ² sum to more than 1
+        return sum(wi**2 * (ei + (node.op == "concat")) for wi, ei in zip(w, e)) - (node.op == "concat")
     return e[0]
 
 
@@ -81,15 +75,9 @@ def near(node: Node, xs: Sequence[State], out: State) -> Near | None:
     if node.op in ("relu", "leaky_relu"):
         damp = _gain(node, x, out) ** 2
         return None if x.cross_near is None else tuple((d, damp * e) for d, e in x.cross_near)
-    if node.op == "add":
-        v = [a**2 * _variance(x) for a, x in zip(add_weights(node), xs)]
-        return _mixed([dict(x.cross_near or ()) for x in xs], [vi / sum(v) for vi in v]) if sum(v) > 0 else None
-    if node.op == "concat":
-        n = [s.channels for s in node.in_shapes]
-        v = [_variance(x) for x in xs]
-        total = sum(ni * vi for ni, vi in zip(n, v))
-        weights = [math.sqrt(sum(n) * ni) * vi / total for ni, vi in zip(n, v)]
-        return _mixed([dict(x.cross_near or ()) for x in xs], weights) if total > 0 else None
+    if node.op in ("add", "concat"):
+        w = _mixing(node, xs)
+        return None if w is None else _mixed([dict(x.cross_near or ()) for x in xs], w)
     if node.op in ("batchnorm", "layernorm", "scale", "bias", "identity", "dropout", "tanh", "sigmoid", "gelu"):
         return x.cross_near
     return None  # pools and flatten move or drop the positions
@@ -118,6 +106,18 @@ def _rho(x: State) -> dict[tuple[int, int], float]:
     rho = dict(x.cross_near or ())
     rho[(0, 0)] = float(concentration(x))
     return rho
+
+
+def _mixing(node: Node, xs: Sequence[State]) -> list[float] | None:
+    """Weights wᵢ of an add's summands (vᵢ/Σv, vᵢ their variances with the add's weights) or
+    of a concat's groups (√(n·nᵢ)·vᵢ/Σ nⱼvⱼ): the mixed ρ − 1 is Σ wᵢ²·eᵢ (None without variance)."""
+    if node.op == "add":
+        v = [a**2 * _variance(x) for a, x in zip(add_weights(node), xs)]
+        return [vi / sum(v) for vi in v] if sum(v) > 0 else None
+    n = [s.channels for s in node.in_shapes]
+    v = [_variance(x) for x in xs]
+    total = sum(ni * vi for ni, vi in zip(n, v))
+    return [math.sqrt(sum(n) * ni) * vi / total for ni, vi in zip(n, v)] if total > 0 else None
 
 
 def _mixed(parts: list[dict[tuple[int, int], float]], weights: list[float]) -> Near | None:

@@ -164,10 +164,10 @@ def _forward(net: Network, forward: Mapping[str, Any], tidy: Any, border: Border
         xs = [fwd[s] for s in node.inputs]
         out = forward[node.op](node, xs)
         out = bordered(out, border.get(node.name, (1, 1, 1))[0])
-        weighted = node.weighted and node.op in ("conv", "linear")
         if not net.symbols:  # formulas of 1/n terms: numbers only
-            out = replace(out, cross=channels.cross(node, xs, out), cross_near=channels.near(node, xs, out),
-                          rank=channels.patch(node, xs[0]) if weighted else out.rank)
+            if node.weighted and node.op in ("conv", "linear"):
+                out = replace(out, rank=channels.patch(node, xs[0]))
+            out = replace(out, cross=channels.cross(node, xs, out), cross_near=channels.near(node, xs, out))
         fwd[node.name] = _tidied(out, tidy, net, node, "E[x²]")
     return fwd
 
