@@ -20,9 +20,10 @@ of them can fail structurally, and each is checked on the graph alone:
   source through no random weight are correlated.
 - **wide layers.** The rules are the limit of wide layers. Where a global pool has made the
   gradient shared by all positions, each (leaky) ReLU it passes on its way down adds an O(1/n) drift (n its
-  channels) that the rules leave out — measured at about 1.2·Σ1/n on a plain pooled conv chain
-  and 0.35–0.7·Σ1/n in bottleneck stacks (``docs/accuracy.md``) — so a backward moment is
-  trusted only while Σ1/n stays within ``WIDTH_TOLERANCE``.
+  channels). The wide limit alone drifts by about 1.2·Σ1/n on a plain pooled conv chain and
+  0.35–0.7·Σ1/n in bottleneck stacks; with the leading finite-width term (``finite``, where it
+  applies) by about 0.4·Σ1/n on the chain (``docs/accuracy.md``). A backward moment is trusted
+  only while Σ1/n stays within ``WIDTH_TOLERANCE``, or ``FINITE_TOLERANCE`` where that term is in.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from scalecalc import finite
 from scalecalc.borders import border_factors
 from scalecalc.graph import Network, Node
 
@@ -40,6 +42,7 @@ ADDS_MEAN = frozenset({"relu", "leaky_relu", "sigmoid", "gelu", "maxpool"})
 MAKES_SYMMETRIC = frozenset({"conv", "linear"})
 BORDER_TOLERANCE = 0.03  # the accuracy asked of exact rules
 WIDTH_TOLERANCE = 0.025  # Σ 1/n below a global pool: a drift of ≈1.2·Σ1/n stays within 3%
+FINITE_TOLERANCE = 0.075  # the same with the finite-width term: ≈0.4·Σ1/n
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,9 @@ def check(net: Network, calculus: str = "exact") -> Checks:
             bad["forward"].add(node.name)
             bad["backward"].add(node.name)
     if not net.symbols:
-        width = _finite_width(net)
+        width, tolerance = _finite_width(net), FINITE_TOLERANCE if finite.applies(net) else WIDTH_TOLERANCE
         for node in net.nodes[1:]:
-            crossed = [r for r in net.graph.successors(node.name) if width[r] <= WIDTH_TOLERANCE < width[node.name]]
+            crossed = [r for r in net.graph.successors(node.name) if width[r] <= tolerance < width[node.name]]
             if crossed:
                 notes[node.name].append(f"{node.op}: the globally pooled gradient has passed ReLU layers of Σ1/n = "
                                         f"{width[node.name]:.3f} on its way here; the wide-limit rules drift by "

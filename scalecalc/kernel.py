@@ -27,7 +27,9 @@ bias gets E[Δb²] = Σ_{p,q} G'(p,q). A max pool of non-overlapping windows A, 
 centred Gaussian field z, or a (leaky) ReLU f of one (then f(max z) = max f(z)); r_p is 1
 where p is the first arg-max of its window, times f'(z_p) below the ReLU, whose gate then
 comes with the routing. Its moments are sampled (``gaussian.window_max``, a fixed seed).
-The calculus takes E[x²], k and E[Δx²] of every held map from here.
+The calculus takes E[x²], k and E[Δx²] of every held map from here. Where ``finite`` applies
+the backward pass runs a second time (``backward``, on the same forward arrays) with the
+gradient's O(1/n) part B·y added as an averaged state.
 
 This holds where every ReLU and every sum reads centred inputs (conv outputs and what scales,
 pools or adds them), so it is used only on networks of the ops below whose ReLUs and adds see
@@ -46,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from scalecalc.finite import Coherent, power
 from scalecalc.gaussian import window_max
 from scalecalc.graph import Network, Node
 from scalecalc.state import State, add_weights
@@ -69,8 +72,25 @@ class Kernel:
     bias_grad: Mapping[str, float]
 
 
+@dataclass(frozen=True)
+class Held:
+    """The spatial kernel's forward pass: the nodes it holds, the arrays its backward pass
+    reads (weighted layers' outputs) and the ReLUs' gates."""
+
+    nodes: frozenset[str]
+    x: Mapping[str, Any]
+    gates: Mapping[Any, Any]
+    forward: Mapping[str, tuple[float, float | None]]
+
+
 def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Kernel | None:
     """The spatial kernel of ``net`` (None where it does not apply: symbols, other ops, means)."""
+    held = hold(net, fwd, cap)
+    return None if held is None else backward(net, held, fwd)
+
+
+def hold(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Held | None:
+    """The forward pass over the maps the kernel holds."""
     cap = CAP if cap is None else cap
     if net.symbols or not _applies(net):
         return None
@@ -97,6 +117,15 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
         for s in node.inputs:  # keep what γ needs (weighted outputs); drop the rest once read
             if last[s] == i and s in x and not net.node(s).weighted:
                 del x[s]
+    return Held(frozenset(held), x, gates, forward)
+
+
+def backward(net: Network, held: Held, fwd: Mapping[str, State], coherent: Coherent | None = None) -> Kernel:
+    """The backward pass over the held maps; with ``coherent``, the part B·y of a gradient at
+    finite width (``finite``) where a conv or linear layer reads y, and where a ReLU passes it
+    whole what its gate took of it: B·y as its averaged state (``finite.power``), which leaves
+    out how y varies over positions, a smaller effect than B."""
+    x, gates = dict(held.x), dict(held.gates)
     out = net.node(net.output).shape  # iid output gradients: every position its own
     g: dict[str, Any] = {net.output: float(net.grad_m2) * whole(identity(out)) if out.spatial
                          else float(net.grad_m2)}
@@ -104,21 +133,48 @@ def kernel(net: Network, fwd: Mapping[str, State], cap: int | None = None) -> Ke
     weight, bias = {}, {}
     for node in reversed(net.nodes[1:]):
         dy = g.pop(node.name, None)  # every reader has sent its part; nothing reads it again
-        if node.name not in held or dy is None:
+        if node.name not in held.nodes or dy is None:
             continue
         if node.weighted:
             weight[node.name] = _dot(dy, x.pop(node.name)) / (node.attrs["n_in"] * _w2(node) * node.attrs["k2"])
         if node.attrs.get("bias") is True or node.op == "bias":
             bias[node.name] = float(np.sum(dy))
-        if all(s in held for s in node.inputs):
+        if all(s in held.nodes for s in node.inputs):
             ds = _backward(node, dy, gates)
+            if coherent is not None and node.name in coherent.inputs:  # Stein's B·x
+                src = node.inputs[0]
+                ds = [_with(ds[0], *power(*coherent.at_input(node.name), fwd[src]))]
+            if coherent is not None and node.name in coherent.relus and node.name in gates:
+                vd, vy, vx = coherent.at_relu(node.name)  # the gate passes B·y whole, where the rule gated it
+                (pm, pk), (gm, gk) = (power(vd, v, fwd[node.name]) for v in (vx, vy))
+                ds = [_with(ds[0] - _gated(gates[node.name], gm, gk), pm, pk)]
             gates.pop(node.name, None)
             for src, d in zip(node.inputs, ds):
                 g[src] = d if src not in g else g[src] + d
             sent[node.name] = tuple(_sent(d) for d in ds)
         else:  # reads a map too large to hold (a window op or a global pool): only averages leave
             sent[node.name] = ((None, _boundary(node, dy)),)
-    return Kernel(forward, sent, weight, bias)
+    return Kernel(held.forward, sent, weight, bias)
+
+
+def _with(g: Any, m: float, k: float) -> Any:
+    """g plus an averaged state: m on the diagonal, k at every other pair of positions."""
+    if not isinstance(g, np.ndarray) or g.ndim != 4:
+        return g + m
+    p = g.shape[0] * g.shape[1]
+    out = g + k
+    out.reshape(p, p)[np.diag_indices(p)] += m - k
+    return out
+
+
+def _gated(gate: Any, m: float, k: float) -> Any:
+    """An averaged state (m on the diagonal, k off it) times a ReLU's gate over pairs."""
+    if not isinstance(gate, np.ndarray) or gate.ndim != 4:
+        return m * gate
+    p = gate.shape[0] * gate.shape[1]
+    out = k * gate
+    out.reshape(p, p)[np.diag_indices(p)] = m * np.diagonal(gate.reshape(p, p))
+    return out
 
 
 def _held(net: Network, cap: int) -> set[str]:

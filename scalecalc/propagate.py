@@ -4,6 +4,8 @@ Forward in graph order from E[x₀²]; backward in reverse order from E[Δy²] a
 where a node read by several layers receives the sum of their (uncorrelated) gradients.
 Two calculi: ``paper`` (the rule registry, uncentred moments as published) and ``exact``
 (``exact.py``: the same moments plus the covariance that positions of a channel share).
+Where ``finite`` applies, the exact backward pass runs twice: the wide-limit gradients set the
+O(1/n) part B·y of a gradient that follows its own input, which the second pass adds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from scalecalc import channels, expr
+from scalecalc import channels, expr, finite
 from scalecalc.assumptions import Checks, check
 from scalecalc.borders import border_factors
 from scalecalc.errors import ScalecalcError
@@ -93,7 +95,7 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
         raise ScalecalcError(f"unknown calculus {calculus!r}; known: {', '.join(CALCULI)}")
     tidy = _simplifier(net)
     exact = calculus == "exact"
-    border, fwd, bwd, sent, spatial = _states(net, exact, tidy)
+    border, fwd, bwd, sent, spatial, wide = _states(net, exact, tidy)
     checks = check(net, calculus)
     results, changes = [], []
     masks = _masks(net, bwd) if exact else {}
@@ -102,6 +104,8 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
         result, change = _node_result(node, fwd, bwd, sent.get(node.name, ()), checks, tidy, exact,
                                       masks, border.get(node.name, (1, 1, 1))[2], node.name in normalised, spatial,
                                       bool(net.symbols))
+        if node.weighted and node.name in wide:
+            result = replace(result, notes=(*result.notes, _finite_note(wide[node.name], bwd[node.name])))
         results.append(result)
         if change:
             changes.append(change)
@@ -112,7 +116,7 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
 def states(net: Network) -> tuple[dict[str, State], dict[str, State]]:
     """The exact calculus' full state of every node, forward and backward (for diagnostics:
     the shared parts k and gk, means, groups, batch coupling)."""
-    _, fwd, bwd, _, _ = _states(net, True, _simplifier(net))
+    _, fwd, bwd, _, _, _ = _states(net, True, _simplifier(net))
     return fwd, bwd
 
 
@@ -120,7 +124,10 @@ Borders = dict[str, tuple[float, float, float]]
 
 
 def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, State], dict[str, State],
-                                                          dict[str, tuple[State, ...]], Kernel | None]:
+                                                          dict[str, tuple[State, ...]], Kernel | None,
+                                                          dict[str, State]]:
+    """Border factors, forward and backward states, what each node sends back, the spatial
+    kernel, and the wide-limit gradients where the finite-width part changed them."""
     forward = {op: r.forward for op, r in EXACT.items()} if exact else {op: _lift(r) for op, r in RULES.items()}
     backward = {op: r.backward for op, r in EXACT.items()} if exact else {op: _lift_back(r) for op, r in RULES.items()}
     border = border_factors(net) if exact and not net.symbols else {}
@@ -134,28 +141,65 @@ def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, St
         border = border_factors(net, offsets)
         fwd = _forward(net, forward, tidy, border)
     # where the maps are small, the pair structure of the gradient comes from the spatial kernel
-    spatial = None
+    spatial = held = None
+    widths = exact and finite.applies(net)
     if exact and not net.symbols:
-        from scalecalc.kernel import kernel  # numpy, only for numbers
+        from scalecalc import kernel  # numpy, only for numbers
 
-        spatial = kernel(net, fwd)
+        held = kernel.hold(net, fwd)
+        spatial = None if held is None else kernel.backward(net, held, fwd)
         for name, (m, k) in ({} if spatial is None else spatial.forward).items():
             fwd[name] = replace(fwd[name], m=m, k=fwd[name].k if k is None else k)
+    bwd, sent = _backward(net, fwd, backward, tidy, border, spatial)
+    wide: dict[str, State] = {}
+    if widths:  # the O(1/n) part the wide limit leaves out, from its gradients
+        extra = finite.coherent(net, fwd, bwd)
+        if held is not None:
+            spatial = kernel.backward(net, held, fwd, extra)
+        wide, (bwd, sent) = bwd, _backward(net, fwd, backward, tidy, border, spatial, extra)
+        wide = {n: g for n, g in wide.items() if _changed(g, bwd[n])}
+    return border, fwd, bwd, sent, spatial, wide
+
+
+def _backward(net: Network, fwd: Mapping[str, State], backward: Mapping[str, Any], tidy: Any, border: Borders,
+              spatial: Kernel | None, extra: finite.Coherent | None = None
+              ) -> tuple[dict[str, State], dict[str, tuple[State, ...]]]:
+    """Every node's gradient, from E[Δy²] at the output; with ``extra``, the part B·y a
+    gradient carries at finite width (``finite``), where the spatial kernel does not hold it."""
+    held = set() if spatial is None else set(spatial.forward)
     bwd: dict[str, State] = {name: State(0, 0) for name in net.order}
     bwd[net.output] = State(net.grad_m2, 0)
     sent: dict[str, tuple[State, ...]] = {}
     for node in reversed(net.nodes[1:]):
-        g = bwd[node.name]
+        g, y = bwd[node.name], fwd[node.name]
         bwd[node.name] = g = _tidied(g, tidy, net, node, "E[Δx²]")
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
+        if extra is not None and node.name in extra.relus and node.name not in held:
+            (dx,), (vd, vy, vx) = sent[node.name], extra.at_relu(node.name)
+            (my, ky), (mx, kx) = finite.power(vd, vy, y), finite.power(vd, vx, y)
+            (gated,) = backward[node.op](node, [fwd[node.inputs[0]]], State(my, ky))  # the rule gates B·y,
+            sent[node.name] = (replace(dx, m=dx.m + mx - gated.m, k=dx.k + kx - gated.k),)  # which passes whole
         if spatial is not None and node.name in spatial.sent:
-            held = zip(sent[node.name], spatial.sent[node.name])
-            sent[node.name] = tuple(_held_gradient(s, m, r) for s, (m, r) in held)
+            pairs = zip(sent[node.name], spatial.sent[node.name])
+            sent[node.name] = tuple(_held_gradient(s, m, r) for s, (m, r) in pairs)
+        if extra is not None and node.name in extra.inputs and node.inputs[0] not in held:  # Stein's B·x
+            (dx,), (dm, dk) = sent[node.name], finite.power(*extra.at_input(node.name), fwd[node.inputs[0]])
+            sent[node.name] = (replace(dx, m=dx.m + dm, k=dx.k + dk),)
         for src, grad in zip(node.inputs, sent[node.name]):
             bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)
     bwd["input"] = replace(bwd["input"], m=tidy(bwd["input"].m), k=tidy(bwd["input"].k))
-    return border, fwd, bwd, sent, spatial
+    return bwd, sent
+
+
+def _changed(wide: State, g: State) -> bool:
+    """The finite-width part moves E[Δx²] by 1% or the shared part gk by 5%."""
+    return abs(float(ratio(g.m, wide.m)) - 1) > 0.01 or (wide.k != 0 and abs(float(g.k / wide.k) - 1) > 0.05)
+
+
+def _finite_note(wide: State, g: State) -> str:
+    shared = f", gk/g ×{float(g.k / g.m / (wide.k / wide.m)):.2f}" if wide.k != 0 and g.m != 0 else ""
+    return f"finite width (B·y, O(1/n)): E[Δx²] {100 * (float(g.m / wide.m) - 1):+.1f}%{shared} over the wide limit"
 
 
 def _forward(net: Network, forward: Mapping[str, Any], tidy: Any, border: Borders) -> dict[str, State]:

@@ -1,0 +1,193 @@
+"""Finite width: the part B·y of a layer's input gradient proportional to y (``finite``), against torch.
+
+The wide-limit rules take a gradient as independent of the weights it passed through. The
+control for that assumption is the same network with its backward pass through independent
+weights of the same variance ("fresh"): the forward pass, the gates and everything the
+wide-limit rules read are unchanged, the gradient no longer depends on the weights it meets.
+
+1. A plain chain of 1×1 conv-ReLU layers under a global pool. Stein's lemma puts b·M (M the
+   channels' means over positions) into the shared part ū of the gradient at each conv's
+   input: the excess of (ū·M̂)² over the fresh network is predicted as n·E[(b_d + b_o)²]·k.
+2. A stack of pre-activation bottlenecks (the spec's block, 32 inner channels, 8×8): the
+   gradient's shared part gk/g at the stack's input, where the wide-limit value has decayed
+   through four blocks and B·y has not.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from scalecalc import finite
+from scalecalc.codegen import emit_torch
+from scalecalc.graph import build
+from scalecalc.propagate import states
+from scalecalc.spec import parse
+from scalecalc.verify import load_module
+
+torch = pytest.importorskip("torch")
+
+CHAIN = """
+name: chain-1x1
+input: {channels: 32, size: 8}
+init: {scheme: geometric, c: 2}
+blocks:
+  unit:
+    layers:
+      - {name: conv, op: conv, out: 32, kernel: 1}
+      - {name: relu, op: relu}
+layers:
+  - {name: stem, op: conv, out: 32, kernel: 1}
+  - {name: relu0, op: relu}
+  - {name: body, block: unit, repeat: 4}
+  - {name: pool, op: global_avgpool}
+  - {name: fc, op: linear, out: 10}
+"""
+STACK = """
+name: bottleneck-stack
+input: {channels: 128, size: 8}
+params: {alpha: sqrt(1/2), beta: sqrt(1/2)}
+init: {scheme: geometric, c: 1}
+blocks:
+  bottleneck:
+    layers:
+      - {name: pre, op: scale, value: sqrt(beta), from: input}
+      - {name: relu1, op: relu}
+      - {name: scale1, op: scale, value: sqrt(2/beta)}
+      - {name: conv1, op: conv, out: 32, kernel: 1, init: {c: beta}}
+      - {name: relu2, op: relu}
+      - {name: scale2, op: scale, value: sqrt(2/(3*beta))}
+      - {name: conv2, op: conv, out: 32, kernel: 3, padding: 1, init: {c: beta}}
+      - {name: relu3, op: relu}
+      - {name: scale3, op: scale, value: sqrt(2/beta)}
+      - {name: conv3, op: conv, out: 128, kernel: 1, init: {c: beta}}
+      - {name: merge, op: add, from: [input, conv3], weights: [alpha, beta]}
+layers:
+  - {name: stem, op: conv, out: 128, kernel: 1}
+  - {name: relu0, op: relu}
+  - {name: conv0, op: conv, out: 128, kernel: 1}
+  - {name: stage, block: bottleneck, repeat: 4}
+  - {name: relu, op: relu}
+  - {name: pool, op: global_avgpool}
+  - {name: fc, op: linear, out: 100}
+"""
+TOL = 0.15  # leading order in 1/n: what the O(1/n²) terms and the gates' own sources leave
+
+
+def _fresh(model) -> None:  # type: ignore[no-untyped-def]
+    """Send every conv's input gradient through independent weights of the same variance."""
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        other = torch.randn_like(conv.weight) * conv.weight.detach().square().mean().sqrt()
+
+        def forward(x, conv=conv, other=other):  # type: ignore[no-untyped-def]
+            through = conv._conv_forward(x, other, None)
+            return conv._conv_forward(x, conv.weight, conv.bias).detach() + through - through.detach()
+
+        conv.forward = forward
+
+
+def _keeper(row, name, record):  # type: ignore[no-untyped-def]
+    """A forward hook: ``record(output, its gradient)`` into ``row`` in the backward pass."""
+    def keep(_, __, y):  # type: ignore[no-untyped-def]
+        kept = y.detach()
+        y.register_hook(lambda g: row.__setitem__(name, record(kept, g.detach())))
+    return keep
+
+
+def _sample(net, spec, draws, batch, fresh, seed, record):  # type: ignore[no-untyped-def]
+    """Per draw, what ``record`` returns for each of ``record.nodes``, from the emitted model."""
+    torch.manual_seed(seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        module = load_module(emit_torch(spec, net, digest="0"), Path(tmp), "finite_width_model")
+        for _ in range(draws):
+            model, row = module.Model().double(), {}
+            if fresh:
+                _fresh(model)
+            for name in record.nodes:
+                model.get_submodule(name).register_forward_hook(_keeper(row, name, record))
+            x = torch.randn(batch, *module.INPUT_SHAPE, dtype=torch.float64).requires_grad_()
+            result = model(x)
+            (result * torch.randn_like(result)).sum().backward()
+            rows.append(row)
+    return rows
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def test_shared_gradient_carries_its_input_along_the_channel_means() -> None:
+    net = build(parse(CHAIN, "chain.yaml"))
+    fwd, bwd = states(net)
+    coherent = finite.coherent(net, fwd, bwd)
+    reads = {net.node(c).inputs[0]: c for c in coherent.inputs if net.node(c).op == "conv"}
+    nodes = [n for n in reads if net.node(n).op == "relu"]
+
+    def along(y, g):  # type: ignore[no-untyped-def]
+        u, m = g.mean((2, 3)), y.mean((2, 3))
+        return ((u * m).sum(1) ** 2 / (m * m).sum(1)).mean().item()
+
+    along.nodes = nodes  # type: ignore[attr-defined]
+    true = _sample(net, parse(CHAIN, "chain.yaml"), 600, 8, False, 1, along)
+    fresh = _sample(net, parse(CHAIN, "chain.yaml"), 600, 8, True, 2, along)
+    excess = predicted = variance = 0.0
+    for n in nodes:
+        (t, se_t), (f, se_f) = _mean_se([r[n] for r in true]), _mean_se([r[n] for r in fresh])
+        excess, variance = excess + t - f, variance + se_t**2 + se_f**2
+        _, total = coherent.at_input(reads[n])
+        predicted += float(net.node(n).shape.channels) * total * float(fwd[n].k)
+    ratio, se = excess / predicted, math.sqrt(variance) / predicted
+    assert 4 * se < 2 * TOL, f"too few draws: SE {se:.2f}"
+    assert abs(ratio - 1) < TOL + 4 * se, (ratio, se)
+    # negative control: the first-order amplitude b = E[W²]·Σ ψ·ū alone has half this power
+    assert abs(2 * ratio - 1) > TOL + 8 * se, (ratio, se)
+
+
+def test_stack_input_keeps_a_shared_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = parse(STACK, "stack.yaml")
+    net = build(spec)
+    node = "stage.0.pre"
+
+    def moments(y, g):  # type: ignore[no-untyped-def]
+        p = g.shape[2] * g.shape[3]
+        m = g.square().mean().item()
+        return m, (g.sum((2, 3)).square().mean().item() / p - m) / (p - 1)
+
+    moments.nodes = [node]  # type: ignore[attr-defined]
+    rows = [r[node] for r in _sample(net, spec, 1500, 8, False, 3, moments)]
+    g, gk = (sum(r[i] for r in rows) / len(rows) for i in (0, 1))
+    measured = gk / g
+    se = _mean_se([(r[1] - measured * r[0]) / g for r in rows])[1]
+    assert 4 * se < 0.06 * measured, f"too few draws: SE {se / measured:.3f}"
+    bwd = states(net)[1][node]
+    assert abs(float(bwd.k / bwd.m) / measured - 1) < 0.05 + 4 * se / measured, (float(bwd.k / bwd.m), measured)
+    monkeypatch.setattr(finite, "applies", lambda _: False)  # negative control: the wide limit alone
+    wide = states(net)[1][node]
+    assert float(wide.k / wide.m) / measured - 1 < -0.08 - 4 * se / measured, (float(wide.k / wide.m), measured)
+
+
+def test_gate_rates_and_density_against_closed_forms() -> None:
+    """E[Φ(μ/s)²] over offsets μ ~ N(0, v) is the orthant probability ¼ + arcsin(ρ)/2π with
+    ρ = v/(v + s²), and ψ² + Φ·∂_μψ averages to its derivative in v, (1/2π)·s/((v+s²)·√(2v+s²))."""
+    from scalecalc.state import State
+
+    for m, k in ((1.0, 0.0), (2.0, 0.5), (1.0, 0.8)):
+        x = State(m, k)
+        v, s2 = k, m - k
+        assert finite._pair_rate(x) == pytest.approx(0.25 + math.asin(v / (v + s2)) / (2 * math.pi), rel=1e-9)
+        closed = math.sqrt(s2) / ((v + s2) * math.sqrt(2 * v + s2)) / (2 * math.pi)
+        assert finite.psi2(x) == pytest.approx(closed, rel=1e-6)
+
+
+def test_not_applied_where_the_rules_do_not_reach() -> None:
+    """A batchnorm (or any op without a Hessian rule) keeps the wide limit, as do symbols."""
+    bn = CHAIN.replace("- {name: relu, op: relu}", "- {name: bn, op: batchnorm}\n      - {name: relu, op: relu}")
+    assert finite.applies(build(parse(CHAIN, "chain.yaml")))
+    assert not finite.applies(build(parse(bn, "bn.yaml")))
+    wide = CHAIN.replace("channels: 32", "channels: w").replace("init:", "params: {w: 32}\ninit:")
+    assert not finite.applies(build(parse(wide, "w.yaml"), symbolic=("w",)))
