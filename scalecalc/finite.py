@@ -58,30 +58,38 @@ class Coherent:
     that node (Stein's part, added to the gradient the layer sends it),
     ``relus`` are ReLU outputs (whose gate passes B's diagonal whole)."""
 
-    inputs: Mapping[str, tuple[Sum, Sum]]
-    relus: Mapping[str, tuple[Sum, Sum, float]]  # and Φ̄ of the ReLU
+    inputs: Mapping[str, tuple[Sum, Sum, bool]]  # and whether the network above acts position by position
+    relus: Mapping[str, tuple[Sum, Sum, bool, float]]  # likewise, and Φ̄
     variance: Mapping[str, float]
 
-    def at_input(self, name: str) -> tuple[float, float]:
-        """E[b_d²] and E[(b_d + b_o)²] at the input of the conv or linear layer ``name``."""
-        d, o = self.inputs[name]
-        return self._var(d), self._var(_plus(d, o))
+    def at_input(self, name: str) -> tuple[float, float, bool]:
+        """E[b_d²], E[(b_d + b_o)²] at the input of the conv or linear layer ``name``, and
+        whether the network above it acts position by position."""
+        d, o, local = self.inputs[name]
+        return self._var(d), self._var(_plus(d, o)), local
 
-    def at_relu(self, name: str) -> tuple[float, float, float]:
-        """E[b_d²], E[(b_d + b_o)²] at a ReLU's output and E[(b_d + Φ̄·b_o)²] at its input:
+    def at_relu(self, name: str) -> tuple[float, float, float, bool]:
+        """E[b_d²], E[(b_d + b_o)²] at a ReLU's output, E[(b_d + Φ̄·b_o)²] at its input, and
+        whether the network above acts position by position:
         1[x>0]·relu(x) = relu(x), so the gate passes B's diagonal whole, and the off-diagonal
         part, which reads the neighbours, at the rate Φ̄ it is open."""
-        d, o, opened = self.relus[name]
-        return self._var(d), self._var(_plus(d, o)), self._var(_plus(d, _scaled(o, opened)))
+        d, o, local, opened = self.relus[name]
+        return self._var(d), self._var(_plus(d, o)), self._var(_plus(d, _scaled(o, opened))), local
 
     def _var(self, s: Sum) -> float:
         return sum(c * c * self.variance[i] for i, c in s.items())
 
 
-def power(diagonal: float, total: float, y: State) -> tuple[float, float]:
-    """(E[Δy²], gk) of B·y: b_d²·(m − k) + (b_d + b_o)²·k and (b_d + b_o)²·k, the off-diagonal
-    part reading the offsets that neighbours share."""
-    return diagonal * (float(y.m) - float(y.k)) + total * float(y.k), total * float(y.k)
+def power(diagonal: float, total: float, y: State, local: bool) -> tuple[float, float]:
+    """(E[Δy²], gk) that B·y adds: (b_d + b_o)²·k to the shared part, the off-diagonal part
+    reading the offsets that neighbours share, and b_d²·m + ((b_d + b_o)² − b_d²)·k to E[Δy²].
+    Where the network above acts position by position (1×1 layers up to the global pool,
+    ``local``), E[Δy²] gains nothing: there each position's gradient is that of a plain ReLU
+    network, whose E[Δx²] is exact at any width, and B·y only moves power from the positions'
+    own gradients to their shared part (Stein's lemma applied twice: E[W²]²·E[∂²_μ Φ] = 0 for
+    one gate, where a pair of positions has E[W²]²·E[∂²_μ Φ²] > 0)."""
+    m, k = float(y.m), float(y.k)
+    return (0.0 if local else diagonal * m) + (total - diagonal) * k, total * k
 
 
 def applies(net: Network) -> bool:
@@ -96,6 +104,7 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
     b: dict[str, tuple[Sum, Sum]] = {}  # nodes whose gradient carries B·(the node's own output)
     inputs: dict[str, tuple[Sum, Sum]] = {}
     reader: dict[str, str] = {}
+    local = _local(net)
     variance: dict[str, float] = {}
     none: tuple[Sum, Sum] = ({}, {})
     for node in reversed(net.nodes[1:]):
@@ -138,9 +147,23 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
                 size = uses = float(node.in_shapes[0].positions)
             _into(h, x, (_scaled(hd, uses / size**2), _plus(_scaled(hd, uses * (size - 1) / size**2),
                                                              _scaled(ho, uses / size))))
-    relus = {name: (d, o, _open(fwd[net.node(name).inputs[0]])) for name, (d, o) in b.items()
+    relus = {name: (d, o, local[name], _open(fwd[net.node(name).inputs[0]])) for name, (d, o) in b.items()
              if net.node(name).op == "relu" and (d or o)}
-    return Coherent({reader[x]: parts for x, parts in inputs.items()}, relus, variance)
+    return Coherent({reader[x]: (d, o, local[x]) for x, (d, o) in inputs.items()}, relus, variance)
+
+
+def _local(net: Network) -> dict[str, bool]:
+    """Per node: whether everything above it acts position by position up to a global pool
+    (1×1 convs of stride 1 and what keeps positions apart), so that each position's gradient
+    is that of a plain ReLU network of its own input."""
+    local = {net.output: True}
+    for node in reversed(net.nodes[1:]):
+        own = local.get(node.name, True) and (
+            node.op in ("relu", "scale", "bias", "identity", "add", "linear", "global_avgpool")
+            or (node.op == "conv" and node.attrs["k2"] == 1 and tuple(node.attrs["stride"]) == (1, 1)))
+        for src in node.inputs:
+            local[src] = local.get(src, True) and own
+    return local
 
 
 def _pair_rate(x: State) -> float:

@@ -143,10 +143,11 @@ def backward(net: Network, held: Held, fwd: Mapping[str, State], coherent: Coher
             ds = _backward(node, dy, gates)
             if coherent is not None and node.name in coherent.inputs:  # Stein's B·x
                 src = node.inputs[0]
-                ds = [_with(ds[0], *power(*coherent.at_input(node.name), fwd[src]))]
+                vd, vt, local = coherent.at_input(node.name)
+                ds = [_with(ds[0], *power(vd, vt, fwd[src], local))]
             if coherent is not None and node.name in coherent.relus and node.name in gates:
-                vd, vy, vx = coherent.at_relu(node.name)  # the gate passes B·y whole, where the rule gated it
-                (pm, pk), (gm, gk) = (power(vd, v, fwd[node.name]) for v in (vx, vy))
+                vd, vy, vx, local = coherent.at_relu(node.name)  # the gate passes B·y whole, where the rule gated it
+                (pm, pk), (gm, gk) = (power(vd, v, fwd[node.name], local) for v in (vx, vy))
                 ds = [_with(ds[0] - _gated(gates[node.name], gm, gk), pm, pk)]
             gates.pop(node.name, None)
             for src, d in zip(node.inputs, ds):

@@ -176,15 +176,16 @@ def _backward(net: Network, fwd: Mapping[str, State], backward: Mapping[str, Any
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))
         if extra is not None and node.name in extra.relus and node.name not in held:
-            (dx,), (vd, vy, vx) = sent[node.name], extra.at_relu(node.name)
-            (my, ky), (mx, kx) = finite.power(vd, vy, y), finite.power(vd, vx, y)
+            (dx,), (vd, vy, vx, local) = sent[node.name], extra.at_relu(node.name)
+            (my, ky), (mx, kx) = finite.power(vd, vy, y, local), finite.power(vd, vx, y, local)
             (gated,) = backward[node.op](node, [fwd[node.inputs[0]]], State(my, ky))  # the rule gates B·y,
             sent[node.name] = (replace(dx, m=dx.m + mx - gated.m, k=dx.k + kx - gated.k),)  # which passes whole
         if spatial is not None and node.name in spatial.sent:
             pairs = zip(sent[node.name], spatial.sent[node.name])
             sent[node.name] = tuple(_held_gradient(s, m, r) for s, (m, r) in pairs)
         if extra is not None and node.name in extra.inputs and node.inputs[0] not in held:  # Stein's B·x
-            (dx,), (dm, dk) = sent[node.name], finite.power(*extra.at_input(node.name), fwd[node.inputs[0]])
+            (dx,), (vd, vt, local) = sent[node.name], extra.at_input(node.name)
+            dm, dk = finite.power(vd, vt, fwd[node.inputs[0]], local)
             sent[node.name] = (replace(dx, m=dx.m + dm, k=dx.k + dk),)
         for src, grad in zip(node.inputs, sent[node.name]):
             bwd[src] = grad if bwd[src] == State(0, 0) else added(bwd[src], grad)

@@ -139,7 +139,7 @@ def test_shared_gradient_carries_its_input_along_the_channel_means() -> None:
     for n in nodes:
         (t, se_t), (f, se_f) = _mean_se([r[n] for r in true]), _mean_se([r[n] for r in fresh])
         excess, variance = excess + t - f, variance + se_t**2 + se_f**2
-        _, total = coherent.at_input(reads[n])
+        _, total, _ = coherent.at_input(reads[n])
         predicted += float(net.node(n).shape.channels) * total * float(fwd[n].k)
     ratio, se = excess / predicted, math.sqrt(variance) / predicted
     assert 4 * se < 2 * TOL, f"too few draws: SE {se:.2f}"
