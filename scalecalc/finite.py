@@ -7,9 +7,10 @@ outputs. For Gaussian weights Stein's lemma, E[W·f(W)] = E[W²]·E[f′(W)], gi
     Δy = Wᵀ·Δz = (a part independent of W) + B·y,    B(p, q) = E[W²]·(T/P)·Σ_e ∂²f/∂z_{e,p}∂z_{e,q},
 
 per input position p (T/P the taps that reach it; f the loss). B is a random number of each
-draw and sample, O(1/√n); b_d = B(p, p) and b_o = Σ_{q≠p} B(p, q). B·y adds
-b_d²·(m − k) + (b_d + b_o)²·k to E[Δy²] and (b_d + b_o)²·k to the shared part gk (y's channels
-keep their offsets, so B·y is shared by the positions). Under a global pool the wide-limit
+draw and sample, O(1/√n); b_d = B(p, p) and b_o = Σ_{q≠p} B(p, q). B·y adds (b_d + b_o)²·k to
+the shared part gk (y's channels keep their offsets, so B·y is shared by the positions), and to
+E[Δy²] b_d²·m + ((b_d + b_o)² − b_d²)·k, or nothing where the network above acts position by
+position (``power``). Under a global pool the wide-limit
 shared part decays through every ReLU; B does not: through a ReLU and the layer below, the
 Hessian's trace h is multiplied by E[W²]·fan-in·Φ̄ = 1 for He-initialised layers. Per position,
 with h = (h_d, h_o) the Hessian's diagonal and off-diagonal sums over the channels:
