@@ -141,23 +141,23 @@ def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, St
         border = border_factors(net, offsets)
         fwd = _forward(net, forward, tidy, border)
     # where the maps are small, the pair structure of the gradient comes from the spatial kernel
-    spatial = held = None
-    widths = exact and finite.applies(net)
+    spatial = maps = None
     if exact and not net.symbols:
         from scalecalc import kernel  # numpy, only for numbers
 
-        held = kernel.hold(net, fwd)
-        spatial = None if held is None else kernel.backward(net, held, fwd)
+        maps = kernel.hold(net, fwd)
+        spatial = None if maps is None else kernel.backward(net, maps, fwd)
         for name, (m, k) in ({} if spatial is None else spatial.forward).items():
             fwd[name] = replace(fwd[name], m=m, k=fwd[name].k if k is None else k)
     bwd, sent = _backward(net, fwd, backward, tidy, border, spatial)
     wide: dict[str, State] = {}
-    if widths:  # the O(1/n) part the wide limit leaves out, from its gradients
+    if exact and finite.applies(net):  # the O(1/n) part the wide limit leaves out, from its gradients
         extra = finite.coherent(net, fwd, bwd)
-        if held is not None:
-            spatial = kernel.backward(net, held, fwd, extra)
-        wide, (bwd, sent) = bwd, _backward(net, fwd, backward, tidy, border, spatial, extra)
-        wide = {n: g for n, g in wide.items() if _changed(g, bwd[n])}
+        if maps is not None:
+            spatial = kernel.backward(net, maps, fwd, extra)
+        first = bwd
+        bwd, sent = _backward(net, fwd, backward, tidy, border, spatial, extra)
+        wide = {n: g for n, g in first.items() if _changed(g, bwd[n])}
     return border, fwd, bwd, sent, spatial, wide
 
 

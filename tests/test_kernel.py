@@ -131,8 +131,9 @@ def test_map_too_large_to_hold_enters_and_leaves_averaged(monkeypatch: pytest.Mo
     """Below a map of more than CAP positions the calculus takes over with the averaged state.
     Where that state is exact (a 1×1 conv of iid input and its ReLU: m on the diagonal, the
     ReLU mean squared off it) every γ and the gradient's pair ratio sent across are unchanged.
-    The finite-width part B·y (``finite``) carries y's covariance over positions, which the
-    averaged state does not hold exactly: with it, they agree to 0.1%."""
+    The finite-width part B·y (``finite``) enters as an averaged state, which then passes the
+    stride-2 conv as the kernel's exact taps on one side and border factors on the other: with
+    it, they agree to 0.1%."""
     net = build(parse(BOUNDARY, "boundary.yaml"))
     for wide, rel in ((True, 1e-8), (False, 1e-3)):
         monkeypatch.setattr(finite, "applies", (lambda _: False) if wide else finite_applies)
