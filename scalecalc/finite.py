@@ -31,8 +31,8 @@ variances. The wide-limit gradients set the sources (a correction to them is of 
 Only where every op is one of those (no normalisation, max pooling or smooth activation), on
 maps, and with numbers. Measured (``tests/test_finite_width.py``, ``docs/accuracy.md``): the
 power B·y puts along the channels' means is within 20% of the samples on plain 1×1 chains and
-on stacks of bottlenecks at 4×4 and 8×8; on ResNet-50's stage 1, below three downsampling
-stages, it is 3–5× short.
+on stacks of bottlenecks at 8×8, up to 30% short at the bottom of eight at 4×4; on ResNet-50's
+stage 1, below three downsampling stages, it is 3–5× short.
 """
 
 from __future__ import annotations
