@@ -41,7 +41,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from scalecalc.gaussian import cdf, density, hermite
+from scalecalc.gaussian import cdf, density, hermite, leaky_moments, leaky_pair
 from scalecalc.graph import Network
 from scalecalc.state import State, add_weights
 
@@ -121,7 +121,7 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
             _into(b, x, part)
             _into(h, x, (_scaled(part[0], float(a["n_in"])), _scaled(part[1], float(a["n_in"]))))
         elif op == "relu":  # h_x = (S + Φ̄·h_d, E[1_p·1_q]·h_o), S a new source
-            opened, pair = _open(fwd[x]), _pair_rate(fwd[x])
+            opened, pair = gates(fwd[x])
             source = 2 * float(node.shape.channels) * psi2(fwd[x]) * float(bwd[node.name].k) * \
                 (1 - 1 / float(node.shape.positions))
             own = {}
@@ -129,7 +129,6 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
                 variance[node.name] = source
                 own = {node.name: 1.0}
             _into(h, x, (_plus(_scaled(hd, opened), own), _scaled(ho, pair)))
-            b[node.name] = by
         elif op in ("scale", "bias", "identity", "flatten"):
             f = float(a["value"]) ** 2 if op == "scale" else 1.0
             if op == "flatten":  # each feature its own weights: no pairs of positions
@@ -148,7 +147,7 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
                 size = uses = float(node.in_shapes[0].positions)
             _into(h, x, (_scaled(hd, uses / size**2), _plus(_scaled(hd, uses * (size - 1) / size**2),
                                                              _scaled(ho, uses / size))))
-    relus = {name: (d, o, local[name], _open(fwd[net.node(name).inputs[0]])) for name, (d, o) in b.items()
+    relus = {name: (d, o, local[name], gates(fwd[net.node(name).inputs[0]])[0]) for name, (d, o) in b.items()
              if net.node(name).op == "relu" and (d or o)}
     return Coherent({reader[x]: (d, o, local[x]) for x, (d, o) in inputs.items()}, relus, variance)
 
@@ -167,14 +166,11 @@ def _local(net: Network) -> dict[str, bool]:
     return local
 
 
-def _pair_rate(x: State) -> float:
-    """E[1[x_p>0]·1[x_q>0]] of two positions of a channel: E[Φ(μ/s)²] over its offset μ."""
+def gates(x: State) -> tuple[float, float]:
+    """Φ̄ and E[1[x_p>0]·1[x_q>0]] of a ReLU reading x: the rates its exact rule opens at
+    (``gaussian.leaky_moments``, ``gaussian.leaky_pair`` for the offsets' Gaussian)."""
     mean, m, k = float(x.mean), float(x.m), float(x.k)
-    if m <= k:
-        return _open(x)
-    spread, s = math.sqrt(max(k - mean**2, 0.0)), math.sqrt(m - k)
-    nodes, weights = hermite()
-    return sum(w * cdf((mean + spread * z) / s) ** 2 for z, w in zip(nodes, weights))
+    return leaky_moments(mean, m - mean**2, 0.0)[2], leaky_pair(mean, m - mean**2, k - mean**2, 0.0)[1]
 
 
 def psi2(x: State) -> float:
@@ -192,12 +188,6 @@ def psi2(x: State) -> float:
         psi = density(mu / s) / s
         total += w * psi * (psi - cdf(mu / s) * mu / s2)
     return total
-
-
-def _open(x: State) -> float:
-    """Φ̄, the fraction of positions where a ReLU of input x is open."""
-    mean, m = float(x.mean), float(x.m)
-    return cdf(mean / math.sqrt(m - mean**2)) if m > mean**2 else float(mean > 0)
 
 
 def _scaled(s: Sum, f: float) -> Sum:

@@ -179,7 +179,7 @@ def test_gate_rates_and_density_against_closed_forms() -> None:
     for m, k in ((1.0, 0.0), (2.0, 0.5), (1.0, 0.8)):
         x = State(m, k)
         v, s2 = k, m - k
-        assert finite._pair_rate(x) == pytest.approx(0.25 + math.asin(v / (v + s2)) / (2 * math.pi), rel=1e-9)
+        assert finite.gates(x)[1] == pytest.approx(0.25 + math.asin(v / (v + s2)) / (2 * math.pi), rel=1e-9)
         closed = math.sqrt(s2) / ((v + s2) * math.sqrt(2 * v + s2)) / (2 * math.pi)
         assert finite.psi2(x) == pytest.approx(closed, rel=1e-6)
 
