@@ -7,7 +7,10 @@
 by the gradient's gk over the P − 1 pairs of a map, so on large maps a small error in k/m or gk/g
 becomes a large one in γ. For every node with a spatial output this prints, next to the relative
 error of E[x²], E[Δx²] and γ, the predicted and the measured k/m and gk/g, estimated from the
-per-channel sums over positions: k = (E[(Σ_p x_p)²]/P − m)/(P − 1), unbiased.
+per-channel sums over positions: k = (E[(Σ_p x_p)²]/P − m)/(P − 1), unbiased. Where the
+finite-width part B·y (``scalecalc/finite.py``) moves gk/g by 1% or more, the last columns give
+the wide limit's gk/g and how much of B·y's predicted share of gk was measured:
+(measured − wide limit)/(predicted − wide limit), 1 where B·y is right.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def main() -> None:
     if args.corrected:
         fixed = correct(net)
         net, inserted = fixed.network, fixed.inserted
-    analysis, (fwd, bwd) = propagate(net), states(net)
+    analysis, (fwd, bwd), (_, wide) = propagate(net), states(net), states(net, finite_width=False)
     source = emit_torch(spec, net, digest="0", inserted=inserted) if inserted else emit_torch(spec, net, digest="0")
     nodes = list(net.order[1:])
     weighted = [n.name for n in net.nodes if n.weighted]
@@ -89,14 +92,18 @@ def main() -> None:
                 h.remove()
     print(f"# shared parts: {args.spec} {' '.join('--set ' + s for s in args.set)}"
           f"{' (corrected)' if args.corrected else ''}, {args.draws} draws × batch {args.batch}\n")
-    print("| node | op | E[x²] error | k/m predicted / measured | E[Δx²] error | gk/g predicted / measured | γ error |")
-    print("|:--|:--|--:|--:|--:|--:|--:|")
+    print("| node | op | E[x²] error | k/m predicted / measured | E[Δx²] error | gk/g predicted / measured | γ error "
+          "| gk/g wide limit | B·y measured / predicted |")
+    print("|:--|:--|--:|--:|--:|--:|--:|--:|--:|")
     for n in nodes:
         m, k, g, gk = np.mean(measured[n], axis=0)
         f, b = fwd[n], bwd[n]
         gamma = f"{np.mean(gammas[n]) / float(analysis[n].gamma) - 1:+.1%}" if n in gammas else ""
+        shared, limit = float(b.k / b.m), float(wide[n].k / wide[n].m)
+        moved = shared and abs(shared - limit) >= 0.01 * abs(shared)
+        part = f"{limit:.4g} | {(gk / g - limit) / (shared - limit):.2f}" if moved else " | "
         print(f"| `{n}` | {net.node(n).op} | {m / float(f.m) - 1:+.1%} | {float(f.k) / float(f.m):.4f} / {k / m:.4f} | "
-              f"{g / float(b.m) - 1:+.1%} | {float(b.k) / float(b.m):.4f} / {gk / g:.4f} | {gamma} |")
+              f"{g / float(b.m) - 1:+.1%} | {shared:.4g} / {gk / g:.4g} | {gamma} | {part} |")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,17 @@ with h = (h_d, h_o) the Hessian's diagonal and off-diagonal sums over the channe
   (h_o gains (K − 1)/K² of h_d); flatten keeps h_d/P.
 h is a sum of the sources with coefficients, and E[b²] sums their squares times the sources'
 variances. The wide-limit gradients set the sources (a correction to them is of higher order).
+B·y itself moves down as h does through scales, adds and pools (B·A·x for y = A·x becomes
+Aᵀ·B·A·x) and below a gate follows x where it is open (Φ̄ of b_d, Φ̄² of b_o). Where such
+parts reach one node by different readers (a downsampling block's pooled shortcut and its
+strided conv, both read by one ReLU above), they are driven by the same sources and add as
+amplitudes: the rules have added their powers, so the cross terms are added there (``forks``).
 Only where every op is one of those (no normalisation, max pooling or smooth activation), on
 maps, and with numbers. Measured (``tests/test_finite_width.py``, ``docs/accuracy.md``): the
-power B·y puts along the channels' means is within 20% of the samples on plain 1×1 chains and
-on stacks of bottlenecks at 8×8, up to 30% short at the bottom of eight at 4×4; on ResNet-50's
-stage 1, below three downsampling stages, it is 3–5× short.
+power B·y puts along the channels' means is within 20% of the samples on plain 1×1 chains, on
+stacks of bottlenecks at 8×8 and across a miniature downsampling block (1.11 ± 0.11, where the
+parts' powers alone are 7× short), up to 30% short at the bottom of eight bottlenecks at 4×4;
+on ResNet-50's stage 1, below three downsampling blocks, it is about 4× short.
 """
 
 from __future__ import annotations
@@ -57,11 +63,14 @@ class Coherent:
     off-diagonal parts (B(p, p) and Σ_{q≠p} B(p, q)) over independent sources of these variances.
     ``inputs``, by the conv or linear layer that reads a node (the last such reader), B of
     that node (Stein's part, added to the gradient the layer sends it),
-    ``relus`` are ReLU outputs (whose gate passes B's diagonal whole)."""
+    ``relus`` are ReLU outputs (whose gate passes B's diagonal whole), ``forks`` the nodes
+    that B·x parts reach by more than one reader, with the part each brings."""
 
     inputs: Mapping[str, tuple[Sum, Sum, bool]]  # and whether the network above acts position by position
     relus: Mapping[str, tuple[Sum, Sum, bool, float]]  # likewise, and Φ̄
     variance: Mapping[str, float]
+    forks: Mapping[str, tuple[tuple[Sum, Sum], ...]]
+    local: Mapping[str, bool]
 
     def at_input(self, name: str) -> tuple[float, float, bool]:
         """E[b_d²], E[(b_d + b_o)²] at the input of the conv or linear layer ``name``, and
@@ -76,6 +85,21 @@ class Coherent:
         part, which reads the neighbours, at the rate Φ̄ it is open."""
         d, o, local, opened = self.relus[name]
         return self._var(d), self._var(_plus(d, o)), self._var(_plus(d, _scaled(o, opened))), local
+
+    def at_fork(self, name: str) -> tuple[float, float, bool] | None:
+        """The cross terms of the B·x parts that reach a node by different readers, as
+        (E[b_d²], E[(b_d + b_o)²]) of their sum less those of each part (None where only one
+        reader brings any): the readers' gradients add, so their parts add as amplitudes, and
+        the rules have added only their powers."""
+        if name not in self.forks:
+            return None
+        parts = self.forks[name]
+        d: Sum = {}
+        t: Sum = {}
+        for pd, po in parts:
+            d, t = _plus(d, pd), _plus(t, _plus(pd, po))
+        return (self._var(d) - sum(self._var(pd) for pd, _ in parts),
+                self._var(t) - sum(self._var(_plus(pd, po)) for pd, po in parts), self.local[name])
 
     def _var(self, s: Sum) -> float:
         return sum(c * c * self.variance[i] for i, c in s.items())
@@ -103,13 +127,29 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
     sums h = (h_d, h_o) are per position: Σ_e ∂²f/∂z_{e,p}² and Σ_e Σ_{q≠p} ∂²f/∂z_{e,p}∂z_{e,q}."""
     h: dict[str, tuple[Sum, Sum]] = {}
     b: dict[str, tuple[Sum, Sum]] = {}  # nodes whose gradient carries B·(the node's own output)
+    parts: dict[str, dict[str, tuple[Sum, Sum]]] = {}  # ... and the part each reader brings
+    forks: dict[str, tuple[tuple[Sum, Sum], ...]] = {}
     inputs: dict[str, tuple[Sum, Sum]] = {}
     reader: dict[str, str] = {}
     local = _local(net)
     variance: dict[str, float] = {}
     none: tuple[Sum, Sum] = ({}, {})
+
+    def send(to: str, by: str, part: tuple[Sum, Sum]) -> None:
+        if part[0] or part[1]:
+            brought = parts.setdefault(to, {})
+            brought[by] = _sum2(brought.get(by, none), part)
+
     for node in reversed(net.nodes[1:]):
-        (hd, ho), by = h.pop(node.name, none), b.get(node.name, none)
+        hd, ho = h.pop(node.name, none)
+        brought = parts.pop(node.name, {})  # every reader has sent its part
+        by = none
+        for part in brought.values():
+            by = _sum2(by, part)
+        if by != none:
+            b[node.name] = by
+        if len(brought) > 1:
+            forks[node.name] = tuple(brought.values())
         x = node.inputs[0]
         op, a = node.op, node.attrs
         if op in ("conv", "linear"):  # Stein: b = E[W²]·(taps reaching a position)·h; h_x = n_x·b
@@ -118,7 +158,7 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
             part = (_scaled(hd, share), _scaled(ho, share))
             inputs[x] = _sum2(inputs.get(x, none), part)
             reader.setdefault(x, node.name)
-            _into(b, x, part)
+            send(x, "", part)  # the layers reading x: one part, their coefficients already summed
             _into(h, x, (_scaled(part[0], float(a["n_in"])), _scaled(part[1], float(a["n_in"]))))
         elif op == "relu":  # h_x = (S + Φ̄·h_d, E[1_p·1_q]·h_o), S a new source
             opened, pair = gates(fwd[x])
@@ -129,27 +169,30 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
                 variance[node.name] = source
                 own = {node.name: 1.0}
             _into(h, x, (_plus(_scaled(hd, opened), own), _scaled(ho, pair)))
+            # below the gate B·relu(x) follows x where it is open: Φ̄ of the diagonal, Φ̄² of the rest
+            send(x, node.name, (_scaled(by[0], opened), _scaled(by[1], opened * opened)))
         elif op in ("scale", "bias", "identity", "flatten"):
             f = float(a["value"]) ** 2 if op == "scale" else 1.0
             if op == "flatten":  # each feature its own weights: no pairs of positions
                 _into(h, x, (_scaled(hd, 1 / float(node.in_shapes[0].positions)), {}))
             else:
                 _into(h, x, (_scaled(hd, f), _scaled(ho, f)))
-            _into(b, x, (_scaled(by[0], f), _scaled(by[1], f)))
+            send(x, node.name, (_scaled(by[0], f), _scaled(by[1], f)))
         elif op == "add":
             for src, w in zip(node.inputs, add_weights(node)):
                 _into(h, src, (_scaled(hd, float(w) ** 2), _scaled(ho, float(w) ** 2)))
+                send(src, node.name, (_scaled(by[0], float(w) ** 2), _scaled(by[1], float(w) ** 2)))
         elif op in ("avgpool", "global_avgpool"):  # y = window mean: the window's pairs share ∂²f/∂y²
             if op == "avgpool":
                 (kh, kw), (sh, sw) = a["kernel"], a["stride"]
                 size, uses = float(kh * kw), float(kh * kw) / float(sh * sw)
             else:
                 size = uses = float(node.in_shapes[0].positions)
-            _into(h, x, (_scaled(hd, uses / size**2), _plus(_scaled(hd, uses * (size - 1) / size**2),
-                                                             _scaled(ho, uses / size))))
+            _into(h, x, _spread(hd, ho, size, uses))
+            send(x, node.name, _spread(*by, size, uses))  # B·y becomes Aᵀ·B·A·x, as h does
     relus = {name: (d, o, local[name], gates(fwd[net.node(name).inputs[0]])[0]) for name, (d, o) in b.items()
              if net.node(name).op == "relu" and (d or o)}
-    return Coherent({reader[x]: (d, o, local[x]) for x, (d, o) in inputs.items()}, relus, variance)
+    return Coherent({reader[x]: (d, o, local[x]) for x, (d, o) in inputs.items()}, relus, variance, forks, local)
 
 
 def _local(net: Network) -> dict[str, bool]:
@@ -188,6 +231,11 @@ def psi2(x: State) -> float:
         psi = density(mu / s) / s
         total += w * psi * (psi - cdf(mu / s) * mu / s2)
     return total
+
+
+def _spread(d: Sum, o: Sum, size: float, uses: float) -> tuple[Sum, Sum]:
+    """A pool's window of ``size`` positions, each in ``uses`` windows: ∂²f/∂y² over the pairs of its window."""
+    return _scaled(d, uses / size**2), _plus(_scaled(d, uses * (size - 1) / size**2), _scaled(o, uses / size))
 
 
 def _scaled(s: Sum, f: float) -> Sum:

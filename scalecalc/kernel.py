@@ -135,6 +135,9 @@ def backward(net: Network, held: Held, fwd: Mapping[str, State], coherent: Coher
         dy = g.pop(node.name, None)  # every reader has sent its part; nothing reads it again
         if node.name not in held.nodes or dy is None:
             continue
+        fork = None if coherent is None else coherent.at_fork(node.name)
+        if fork is not None:  # its readers' B·x parts add as amplitudes
+            dy = _with(dy, *power(fork[0], fork[1], fwd[node.name], fork[2]))
         if node.weighted:
             weight[node.name] = _dot(dy, x.pop(node.name)) / (node.attrs["n_in"] * _w2(node) * node.attrs["k2"])
         if node.attrs.get("bias") is True or node.op == "bias":

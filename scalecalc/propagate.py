@@ -113,19 +113,20 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     return Analysis(net, tuple(results), summary, calculus)
 
 
-def states(net: Network) -> tuple[dict[str, State], dict[str, State]]:
+def states(net: Network, finite_width: bool = True) -> tuple[dict[str, State], dict[str, State]]:
     """The exact calculus' full state of every node, forward and backward (for diagnostics:
-    the shared parts k and gk, means, groups, batch coupling)."""
-    _, fwd, bwd, _, _, _ = _states(net, True, _simplifier(net))
+    the shared parts k and gk, means, groups, batch coupling); the wide limit alone without
+    ``finite_width``."""
+    _, fwd, bwd, _, _, _ = _states(net, True, _simplifier(net), finite_width)
     return fwd, bwd
 
 
 Borders = dict[str, tuple[float, float, float]]
 
 
-def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, State], dict[str, State],
-                                                          dict[str, tuple[State, ...]], Kernel | None,
-                                                          dict[str, State]]:
+def _states(net: Network, exact: bool, tidy: Any, finite_width: bool = True
+            ) -> tuple[Borders, dict[str, State], dict[str, State], dict[str, tuple[State, ...]], Kernel | None,
+                       dict[str, State]]:
     """Border factors, forward and backward states, what each node sends back, the spatial
     kernel, and the wide-limit gradients where the finite-width part changed them."""
     forward = {op: r.forward for op, r in EXACT.items()} if exact else {op: _lift(r) for op, r in RULES.items()}
@@ -151,7 +152,7 @@ def _states(net: Network, exact: bool, tidy: Any) -> tuple[Borders, dict[str, St
             fwd[name] = replace(fwd[name], m=m, k=fwd[name].k if k is None else k)
     bwd, sent = _backward(net, fwd, backward, tidy, border, spatial)
     wide: dict[str, State] = {}
-    if exact and finite.applies(net):  # the O(1/n) part the wide limit leaves out, from its gradients
+    if exact and finite_width and finite.applies(net):  # the O(1/n) part the wide limit leaves out, from its gradients
         extra = finite.coherent(net, fwd, bwd)
         if maps is not None:
             spatial = kernel.backward(net, maps, fwd, extra)
@@ -172,6 +173,10 @@ def _backward(net: Network, fwd: Mapping[str, State], backward: Mapping[str, Any
     sent: dict[str, tuple[State, ...]] = {}
     for node in reversed(net.nodes[1:]):
         g, y = bwd[node.name], fwd[node.name]
+        fork = None if extra is None else extra.at_fork(node.name)
+        if fork is not None:  # its readers' B·x parts add as amplitudes, where the rules added powers
+            dm, dk = finite.power(fork[0], fork[1], y, fork[2])
+            g = replace(g, m=g.m + dm, k=g.k + dk)
         bwd[node.name] = g = _tidied(g, tidy, net, node, "E[Δx²]")
         b = border.get(node.name, (1, 1, 1))[1]
         sent[node.name] = tuple(bordered(s, b) for s in backward[node.op](node, [fwd[s] for s in node.inputs], g))

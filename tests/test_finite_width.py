@@ -74,13 +74,35 @@ layers:
   - {name: pool, op: global_avgpool}
   - {name: fc, op: linear, out: 100}
 """
+FORK = """
+name: downsampling
+input: {channels: 32, size: 16}
+init: {scheme: geometric, c: 2}
+layers:
+  - {name: conv_a, op: conv, out: 32, kernel: 1}
+  - {name: relu_a, op: relu}
+  - {name: pool, op: avgpool, kernel: 2}
+  - {name: short, op: conv, out: 32, kernel: 1}
+  - {name: main, op: conv, out: 32, kernel: 3, stride: 2, padding: 1, from: relu_a}
+  - {name: merge, op: add, from: [short, main]}
+  - {name: relu, op: relu}
+  - {name: conv, op: conv, out: 32, kernel: 1}
+  - {name: relu_top, op: relu}
+  - {name: gap, op: global_avgpool}
+  - {name: fc, op: linear, out: 100}
+"""
 TOL = 0.15  # leading order in 1/n: what the O(1/n²) terms and the gates' own sources leave
 
 
-def _fresh(model) -> None:  # type: ignore[no-untyped-def]
-    """Send every conv's input gradient through independent weights of the same variance."""
-    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
-        other = torch.randn_like(conv.weight) * conv.weight.detach().square().mean().sqrt()
+def _fresh(model, names=None, apart=None) -> None:  # type: ignore[no-untyped-def]
+    """Send every conv's input gradient (or that of the convs ``names``) through independent
+    weights of the same variance, drawn from ``apart`` where given (so that the main stream of
+    random numbers, and the pairs of runs that share it, stay as they were)."""
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)] if names is None else \
+        [model.get_submodule(n) for n in sorted(names)]
+    for conv in convs:
+        w = conv.weight
+        other = torch.randn(w.shape, generator=apart, dtype=w.dtype) * w.detach().square().mean().sqrt()
 
         def forward(x, conv=conv, other=other):  # type: ignore[no-untyped-def]
             through = conv._conv_forward(x, other, None)
@@ -98,15 +120,19 @@ def _keeper(row, name, record):  # type: ignore[no-untyped-def]
 
 
 def _sample(net, spec, draws, batch, fresh, seed, record):  # type: ignore[no-untyped-def]
-    """Per draw, what ``record`` returns for each of ``record.nodes``, from the emitted model."""
+    """Per draw, what ``record`` returns for each of ``record.nodes``, from the emitted model
+    (``fresh``: True for every conv, or the names of some)."""
     torch.manual_seed(seed)
+    apart = torch.Generator().manual_seed(seed + 1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         module = load_module(emit_torch(spec, net, digest="0"), Path(tmp), "finite_width_model")
         for _ in range(draws):
             model, row = module.Model().double(), {}
-            if fresh:
+            if fresh is True:
                 _fresh(model)
+            elif fresh:
+                _fresh(model, fresh, apart)
             for name in record.nodes:
                 model.get_submodule(name).register_forward_hook(_keeper(row, name, record))
             x = torch.randn(batch, *module.INPUT_SHAPE, dtype=torch.float64).requires_grad_()
@@ -169,6 +195,37 @@ def test_stack_input_keeps_a_shared_gradient(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(finite, "applies", lambda _: False)  # negative control: the wide limit alone
     wide = states(net)[1][node]
     assert float(wide.k / wide.m) / measured - 1 < -0.08 - 4 * se / measured, (float(wide.k / wide.m), measured)
+
+
+def test_parts_brought_by_two_readers_add_as_amplitudes() -> None:
+    """``relu_a`` is read by a pooled 1×1 shortcut and a strided 3×3 conv, added before one ReLU
+    (a downsampling block in miniature): both put B·x into its gradient, driven by the same
+    sources. The shortcut's part along the channel means (what independent backward weights in
+    ``short`` alone remove, pairs of runs on the same draws) is its own power, through the
+    pool, plus twice its product with the strided conv's part."""
+    spec = parse(FORK, "fork.yaml")
+    net = build(spec)
+    fwd, bwd = states(net, finite_width=False)
+    coherent = finite.coherent(net, fwd, bwd)
+    (_, own, _), fork = coherent.at_input("short"), coherent.at_fork("relu_a")
+    assert fork is not None
+    x, shape = fwd["relu_a"], net.node("relu_a").shape
+    means = float(shape.channels) * float(x.k + (x.m - x.k) / shape.positions)  # E[|ȳ|²], ȳ a sample's means
+    alone = means * own / 16  # a 2×2 pool's transpose carries a quarter of the amplitude
+    predicted = alone + means * fork[1]
+
+    def along(y, g):  # type: ignore[no-untyped-def]
+        u, m = g.mean((2, 3)), y.mean((2, 3))
+        return ((u * m).sum(1) ** 2 / (m * m).sum(1)).mean().item()
+
+    along.nodes = ["relu_a"]  # type: ignore[attr-defined]
+    true = _sample(net, spec, 2000, 4, False, 5, along)
+    fresh = _sample(net, spec, 2000, 4, {"short"}, 5, along)
+    excess, se = _mean_se([t["relu_a"] - f["relu_a"] for t, f in zip(true, fresh)])
+    assert 4 * se < 0.6 * excess, f"too few draws: SE {se / excess:.2f}"
+    assert abs(excess / predicted - 1) < TOL + 4 * se / predicted, (excess, predicted, se)
+    # negative control: the two parts' powers alone (the cross term left out) are several times short
+    assert excess / alone - 1 > TOL + 4 * se / alone, (excess, alone, se)
 
 
 def test_gate_rates_and_density_against_closed_forms() -> None:
