@@ -126,9 +126,9 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
     """B where a gradient carries B·y, from the wide-limit gradients ``bwd``. The Hessian
     sums h = (h_d, h_o) are per position: Σ_e ∂²f/∂z_{e,p}² and Σ_e Σ_{q≠p} ∂²f/∂z_{e,p}∂z_{e,q}."""
     h: dict[str, tuple[Sum, Sum]] = {}
-    b: dict[str, tuple[Sum, Sum]] = {}  # nodes whose gradient carries B·(the node's own output)
-    parts: dict[str, dict[str, tuple[Sum, Sum]]] = {}  # ... and the part each reader brings
+    parts: dict[str, dict[str, tuple[Sum, Sum]]] = {}  # B·(a node's own output), by the reader that brings it
     forks: dict[str, tuple[tuple[Sum, Sum], ...]] = {}
+    relus: dict[str, tuple[Sum, Sum, bool, float]] = {}
     inputs: dict[str, tuple[Sum, Sum]] = {}
     reader: dict[str, str] = {}
     local = _local(net)
@@ -146,8 +146,6 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
         by = none
         for part in brought.values():
             by = _sum2(by, part)
-        if by != none:
-            b[node.name] = by
         if len(brought) > 1:
             forks[node.name] = tuple(brought.values())
         x = node.inputs[0]
@@ -169,6 +167,8 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
                 variance[node.name] = source
                 own = {node.name: 1.0}
             _into(h, x, (_plus(_scaled(hd, opened), own), _scaled(ho, pair)))
+            if by != none:
+                relus[node.name] = (*by, local[node.name], opened)
             # below the gate B·relu(x) follows x where it is open: Φ̄ of the diagonal, Φ̄² of the rest
             send(x, node.name, (_scaled(by[0], opened), _scaled(by[1], opened * opened)))
         elif op in ("scale", "bias", "identity", "flatten"):
@@ -190,8 +190,6 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
                 size = uses = float(node.in_shapes[0].positions)
             _into(h, x, _spread(hd, ho, size, uses))
             send(x, node.name, _spread(*by, size, uses))  # B·y becomes Aᵀ·B·A·x, as h does
-    relus = {name: (d, o, local[name], gates(fwd[net.node(name).inputs[0]])[0]) for name, (d, o) in b.items()
-             if net.node(name).op == "relu" and (d or o)}
     return Coherent({reader[x]: (d, o, local[x]) for x, (d, o) in inputs.items()}, relus, variance, forks, local)
 
 
