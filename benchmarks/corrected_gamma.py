@@ -77,7 +77,7 @@ def main() -> None:
     mean, se = relative.mean(axis=1), relative.std(axis=1, ddof=1) / math.sqrt(args.draws)
     ratio, ratio_se = _ratio_of_means(gammas)
     predicted = np.array([float(analysis[n].gamma) for n in weighted])
-    predicted = predicted / np.exp(np.log(predicted).mean())
+    predicted = _over_geomean(predicted)
     out_std = math.sqrt(statistics.fmean(stats[fixed.network.output]["forward_m2"]))
     sets = " ".join(f"--set {s}" for s in args.set)
     print(f"# corrected γ, measured: {args.spec} {sets}\n")
@@ -99,17 +99,17 @@ def main() -> None:
           f"{'met' if spread <= 1.10 and abs(out_std / args.output_std - 1) <= 0.10 else 'not met'}")
 
 
+def _over_geomean(values: np.ndarray) -> np.ndarray:
+    return values / np.exp(np.log(values).mean())
+
+
 def _ratio_of_means(gammas: np.ndarray, resamples: int = 400) -> tuple[np.ndarray, np.ndarray]:
     """E[γ_l] (the mean over draws, the γ the calculus predicts) over its geometric mean over the
     layers, and its standard error from resampling the draws (paired: a draw's layers stay together)."""
-    def relative(g: np.ndarray) -> np.ndarray:
-        means = g.mean(axis=1)
-        return means / np.exp(np.log(means).mean())
-
     rng = np.random.default_rng(0)
     draws = gammas.shape[1]
-    boot = np.array([relative(gammas[:, rng.integers(0, draws, draws)]) for _ in range(resamples)])
-    return relative(gammas), boot.std(axis=0, ddof=1)
+    boot = np.array([_over_geomean(gammas[:, rng.integers(0, draws, draws)].mean(axis=1)) for _ in range(resamples)])
+    return _over_geomean(gammas.mean(axis=1)), boot.std(axis=0, ddof=1)
 
 
 if __name__ == "__main__":
