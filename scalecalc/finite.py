@@ -122,9 +122,13 @@ def applies(net: Network) -> bool:
         n.shape.spatial for n in net.nodes)
 
 
-def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -> Coherent:
+def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State],
+             without: frozenset[str] = frozenset()) -> Coherent:
     """B where a gradient carries B·y, from the wide-limit gradients ``bwd``. The Hessian
-    sums h = (h_d, h_o) are per position: Σ_e ∂²f/∂z_{e,p}² and Σ_e Σ_{q≠p} ∂²f/∂z_{e,p}∂z_{e,q}."""
+    sums h = (h_d, h_o) are per position: Σ_e ∂²f/∂z_{e,p}² and Σ_e Σ_{q≠p} ∂²f/∂z_{e,p}∂z_{e,q}.
+    The layers ``without`` are taken as if their input gradients went through independent
+    weights: no Stein part of their own, and no Hessian passed on below them (their transpose
+    meets the Hessian above with weights it does not share: Σ_i E[W′·W] = 0)."""
     h: dict[str, tuple[Sum, Sum]] = {}
     parts: dict[str, dict[str, tuple[Sum, Sum]]] = {}  # B·(a node's own output), by the reader that brings it
     forks: dict[str, tuple[tuple[Sum, Sum], ...]] = {}
@@ -152,7 +156,8 @@ def coherent(net: Network, fwd: Mapping[str, State], bwd: Mapping[str, State]) -
         op, a = node.op, node.attrs
         if op in ("conv", "linear"):  # Stein: b = E[W²]·(taps reaching a position)·h; h_x = n_x·b
             assert node.init is not None
-            share = float(node.init.m2) * float(a["taps"]) / float(node.in_shapes[0].positions)
+            share = 0.0 if node.name in without else \
+                float(node.init.m2) * float(a["taps"]) / float(node.in_shapes[0].positions)
             part = (_scaled(hd, share), _scaled(ho, share))
             inputs[x] = _sum2(inputs.get(x, none), part)
             reader.setdefault(x, node.name)

@@ -113,18 +113,20 @@ def propagate(net: Network, calculus: str = "exact") -> Analysis:
     return Analysis(net, tuple(results), summary, calculus)
 
 
-def states(net: Network, finite_width: bool = True) -> tuple[dict[str, State], dict[str, State]]:
+def states(net: Network, finite_width: bool = True, without: frozenset[str] = frozenset()
+           ) -> tuple[dict[str, State], dict[str, State]]:
     """The exact calculus' full state of every node, forward and backward (for diagnostics:
     the shared parts k and gk, means, groups, batch coupling); the wide limit alone without
-    ``finite_width``."""
-    _, fwd, bwd, _, _, _ = _states(net, True, _simplifier(net), finite_width)
+    ``finite_width``; ``without`` the finite-width part of the layers named there
+    (``finite.coherent``), as independent backward weights in them would have it."""
+    _, fwd, bwd, _, _, _ = _states(net, True, _simplifier(net), finite_width, without)
     return fwd, bwd
 
 
 Borders = dict[str, tuple[float, float, float]]
 
 
-def _states(net: Network, exact: bool, tidy: Any, finite_width: bool = True
+def _states(net: Network, exact: bool, tidy: Any, finite_width: bool = True, without: frozenset[str] = frozenset()
             ) -> tuple[Borders, dict[str, State], dict[str, State], dict[str, tuple[State, ...]], Kernel | None,
                        dict[str, State]]:
     """Border factors, forward and backward states, what each node sends back, the spatial
@@ -153,7 +155,7 @@ def _states(net: Network, exact: bool, tidy: Any, finite_width: bool = True
     bwd, sent = _backward(net, fwd, backward, tidy, border, spatial)
     wide: dict[str, State] = {}
     if exact and finite_width and finite.applies(net):  # the O(1/n) part the wide limit leaves out, from its gradients
-        extra = finite.coherent(net, fwd, bwd)
+        extra = finite.coherent(net, fwd, bwd, without)
         if maps is not None:
             spatial = kernel.backward(net, maps, fwd, extra)
         first = bwd

@@ -248,3 +248,21 @@ def test_not_applied_where_the_rules_do_not_reach() -> None:
     assert not finite.applies(build(parse(bn, "bn.yaml")))
     wide = CHAIN.replace("channels: 32", "channels: w").replace("init:", "params: {w: 32}\ninit:")
     assert not finite.applies(build(parse(wide, "w.yaml"), symbolic=("w",)))
+
+
+def test_without_every_layer_the_wide_limit_is_left() -> None:
+    """``states(without=...)``, the calculus' counterpart of independent backward weights in some
+    layers (``benchmarks/fresh_parts.py``): with every layer named, no B·y is left anywhere;
+    with only the top conv named, the parts of the layers below it, which meet the Hessian of
+    the gates above through it, go too, but not those the gates between them make."""
+    net = build(parse(STACK, "stack.yaml"))
+    _, full = states(net)
+    _, wide = states(net, finite_width=False)
+    layers = frozenset(n.name for n in net.nodes if n.op in ("conv", "linear"))
+    _, none = states(net, without=layers)
+    for name in net.order:
+        assert (float(none[name].m), float(none[name].k)) == pytest.approx((float(wide[name].m), float(wide[name].k)),
+                                                                           rel=1e-12, abs=1e-300), name
+    assert float(full["stem"].k) > 1.05 * float(wide["stem"].k)  # negative control: B·y is there at all
+    _, top = states(net, without=frozenset({"stage.3.conv3"}))
+    assert float(wide["stem"].k) < float(top["stem"].k) < float(full["stem"].k)
