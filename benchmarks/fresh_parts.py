@@ -21,6 +21,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from statistics import fmean, stdev
 
 from shared_parts import _moments
 
@@ -57,8 +58,7 @@ def _switchable(model, names, generator, torch):  # type: ignore[no-untyped-def]
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return fmean(values), stdev(values) / math.sqrt(len(values))
 
 
 def main() -> None:
@@ -102,14 +102,13 @@ def main() -> None:
                 model.get_submodule(node).register_forward_hook(keep)
             x = torch.randn(args.batch, *module.INPUT_SHAPE, dtype=torch.float64) * math.sqrt(float(net.input_m2))
             x.requires_grad_()
-            loss = None
-            row = {}
-            for g in ["", *groups]:
+            loss, row = None, {}
+            for g in ["", *groups]:  # the draw as it is, then each group through independent weights
                 fresh.clear()
                 fresh.update(groups.get(g, ()))
                 y = model(x)
-                loss = torch.randn(y.shape, generator=apart, dtype=y.dtype) * math.sqrt(float(net.grad_m2)) \
-                    if loss is None else loss
+                if loss is None:
+                    loss = torch.randn(y.shape, generator=apart, dtype=y.dtype) * math.sqrt(float(net.grad_m2))
                 (y * loss).sum().backward()
                 row[g] = dict(seen)
             rows.append(row)
